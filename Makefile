@@ -1,0 +1,18 @@
+# The two commands of the README's quick start: `make demo` and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip install -q -c constraints.txt
+DEMO_OUT ?= demo_out
+
+.PHONY: install demo test gpu-check clean
+
+install:
+	$(PIP) -e ".[dev]"
+
+demo: install
+	$(PYTHON) -m derestainer demo --out $(DEMO_OUT)
+
+test: install
+	$(PYTHON) -m pytest -q
+
+clean:
+	rm -rf $(DEMO_OUT) build .pytest_cache

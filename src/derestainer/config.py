@@ -1,0 +1,253 @@
+"""Configuration: frozen dataclasses ← YAML preset ← ``--set key=value`` overrides.
+
+The resolved config is plain data (:func:`to_dict`), written into every run folder and checkpoint,
+and read back with :func:`from_dict`, which rejects unknown keys so that a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Generator and discriminator architecture (DESIGN §4)."""
+
+    name: str = "derestainer"          # registry name: derestainer | pix2pix | pyramidpix2pix | ...
+    ngf: int = 64                       # generator base width; encoder widths ngf·[1,2,4,8]
+    n_down: int = 3                     # encoder down-sampling blocks (paper: 3)
+    n_head_down: int = 2                # down-sampling blocks in f_H and f_level (paper: 2)
+    n_fusion_blocks: int = 9            # modulated residual blocks (paper: 9)
+    n_levels: int = 4                   # HER2 classes 0, 1+, 2+, 3+
+    encoder_input: str = "h"            # h (paper) | rgb | h+rgb
+    norm: str = "batch"                 # batch | none (never instance: seams on whole slides)
+    h_embed_dim: int = 0                # f_H output size; 0 = width of the last f_H block
+    stop_ihc_grad: bool = False         # stop gradients of L_H into the IHC branch
+    demodulate: bool = True
+    ndf: int = 64                       # discriminator base width
+    d_layers: int = 3                   # PatchGAN conv layers (3 → 70×70 receptive field)
+    d_scales: int = 2                   # multi-scale discriminator (paper: 512 and 256)
+    stain_matrix: str = "ruifrok"       # ruifrok | a path to a 3x3 rgb_from_hed (.json/.npy)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights (paper §2.4, §3.1). A weight of 0 switches its term off (and skips its compute)."""
+
+    stain: float = 2.0
+    h: float = 1.0
+    dab: float = 1.0
+    content: float = 13.0
+    ssim: float = 1.0
+    mae: float = 10.0
+    cmp: float = 2.0
+    level: float = 5.0
+    gan: float = 1.0
+    focal_gamma: float = 2.0
+    pyramid: float = 0.0                # Gaussian-pyramid L1 (PyramidPix2Pix); 0 for DeReStainer
+    pyramid_levels: int = 4
+    l1: float = 0.0                     # plain L1 in model space (pix2pix λ=100 on [-1,1])
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where paired data lives and how it is loaded."""
+
+    root: str = ""                      # dataset root (BCI / MIST layout) or "" with he_dir/ihc_dir
+    layout: str = "bci"                 # bci | mist | folders
+    he_dir: str = ""                    # for layout=folders
+    ihc_dir: str = ""
+    train_split: str = "train"
+    val_split: str = "test"
+    size: int = 512                     # training resolution (paper: 1024 → 512)
+    crop: int = 0                       # random crop after resizing (0 = none)
+    flip: bool = True
+    rot90: bool = True
+    mpp: float = 0.92                   # microns per pixel at training size (BCI 1024 px ≈ 0.46 µm/px)
+    workers: int = 0
+    cache: bool = False                 # keep decoded, resized uint8 pairs in memory
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, logging and checkpointing."""
+
+    steps: int = 100_000
+    batch_size: int = 4
+    lr: float = 1e-5                    # AdamW (paper)
+    d_lr: float = 0.0                   # 0 = same as lr
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 1e-2
+    grad_accum: int = 1
+    amp: str = "auto"                   # auto (bf16 on CUDA) | bf16 | off
+    channels_last: bool = True          # on CUDA
+    seed: int = 0
+    deterministic: bool = False
+    comparator: str = ""                # classifier checkpoint for L_cmp ("" → L_cmp off, with a warning)
+    log_every: int = 50
+    sample_every: int = 1000
+    ckpt_every: int = 1000
+    val_every: int = 0                  # 0 = once per epoch
+    keep_last: int = 3
+    best_metric: str = "ssim"
+    max_bad_steps: int = 5              # consecutive non-finite losses before stopping
+    out: str = "runs/derestainer"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A preset, file or override does not fit the config schema."""
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain-data (JSON/YAML-safe) form of a config dataclass; tuples become lists."""
+    d = dataclasses.asdict(obj)
+    return _untuple(d)
+
+
+def _untuple(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _untuple(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_untuple(v) for v in x]
+    return x
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def from_dict(d: dict[str, Any], cls: type = Config, where: str = "") -> Any:
+    """Build a (nested) config dataclass from plain data; unknown keys are an error."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(f'{where}{k}' for k in unknown)}; valid: {sorted(names)}")
+    kwargs = {}
+    for k, v in d.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = from_dict(v, tp, f"{where}{k}.")
+        else:
+            kwargs[k] = _coerce(v, tp, f"{where}{k}")
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package (``configs/*.yaml``)."""
+    files = resources.files("derestainer").joinpath("configs")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def _load_yaml(name_or_path: str) -> dict[str, Any]:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        text = p.read_text()
+        src = str(p)
+    else:
+        f = resources.files("derestainer").joinpath("configs", f"{name_or_path}.yaml")
+        if not f.is_file():
+            raise ConfigError(f"no preset or YAML file {name_or_path!r}; presets: {', '.join(preset_names())}")
+        text = f.read_text()
+        src = f"preset {name_or_path}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{src}: invalid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: expected a mapping at the top level")
+    parent = data.pop("extends", None)
+    if parent:
+        data = _deep_merge(_load_yaml(str(parent)), data)
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'train.lr=2e-4'`` → (['train', 'lr'], 2e-4). Values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be section.key, e.g. train.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def load_config(preset: str = "paper", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a preset name (or YAML path) plus ``section.key=value`` overrides into a :class:`Config`."""
+    data = _load_yaml(preset)
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        data = _deep_merge(data, {section: {key: value}})
+    return from_dict(data)
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """Copy of ``cfg`` with some fields of some sections changed: ``replace(cfg, train={'steps': 10})``."""
+    return from_dict(_deep_merge(to_dict(cfg), sections))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

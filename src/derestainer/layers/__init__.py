@@ -1,0 +1,1 @@
+"""Neural-network building blocks (modulated convolution, SimAM, conv blocks)."""

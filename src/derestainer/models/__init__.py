@@ -1,0 +1,1 @@
+"""Generators, discriminators and classifiers; see :mod:`derestainer.models.registry`."""

@@ -1,0 +1,46 @@
+"""A tiny model registry (after timm's ``register_model``/``create_model``): no string reflection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn as nn
+
+_GENERATORS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_generator(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``fn(model_cfg) -> nn.Module`` under ``name``."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _GENERATORS:
+            raise KeyError(f"generator {name!r} registered twice")
+        _GENERATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_generators() -> list[str]:
+    _import_builtin()
+    return sorted(_GENERATORS)
+
+
+def create_generator(model_cfg: Any) -> nn.Module:
+    """Build the generator named ``model_cfg.name`` from a :class:`~derestainer.config.ModelConfig`."""
+    _import_builtin()
+    try:
+        fn = _GENERATORS[model_cfg.name]
+    except KeyError:
+        raise KeyError(f"unknown model {model_cfg.name!r}; available: {', '.join(sorted(_GENERATORS))}") from None
+    return fn(model_cfg)
+
+
+def _import_builtin() -> None:
+    # Importing the modules runs their @register_generator decorators.
+    from . import generator  # noqa: F401
+    try:
+        from . import baselines  # noqa: F401
+    except ImportError:  # baselines are optional while they are being built
+        pass
