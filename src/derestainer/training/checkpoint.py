@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..io import atomic_path
@@ -42,7 +42,7 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with safe_open(str(p), framework="pt") as f:
             md = f.metadata() or {}
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{p}: not a readable safetensors file ({exc})") from exc
     if META_KEY not in md:
         raise CheckpointError(f"{p}: safetensors file without derestainer metadata (not made by derestainer?)")
@@ -54,7 +54,7 @@ def load_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu
     meta = read_meta(path)
     try:
         tensors = load_file(str(path), device=str(device))
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt checkpoint ({exc})") from exc
     return tensors, meta
 
@@ -64,3 +64,54 @@ def expect_kind(meta: dict[str, Any], kind: str, path: str | os.PathLike[str]) -
     got = meta.get("kind")
     if got != kind:
         raise CheckpointError(f"{path}: this is a {got or 'unknown'} checkpoint, expected a {kind} checkpoint")
+
+
+GENERATOR_FORMAT = 1
+
+
+def save_generator(path: str | os.PathLike[str], model: torch.nn.Module, cfg: Any, extra: dict[str, Any] | None = None) -> Path:
+    """Write a generator as one self-describing safetensors file (the exported-model format).
+
+    The metadata carries ``kind='generator'``, the resolved config, the model name and the training
+    resolution (``size`` in px and ``mpp`` in µm/px), so that inference needs nothing else.
+    Training checkpoints store their generator in this same format.
+    """
+    from ..config import to_dict
+
+    meta = {
+        "kind": "generator",
+        "format": GENERATOR_FORMAT,
+        "model": cfg.model.name,
+        "config": to_dict(cfg),
+        "size": cfg.data.size,
+        "mpp": cfg.data.mpp,
+        **(extra or {}),
+    }
+    module = getattr(model, "module", model)  # unwrap DDP / compile wrappers
+    module = getattr(module, "_orig_mod", module)
+    return save_tensors(path, module.state_dict(), meta)
+
+
+def load_generator(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Load a generator written by :func:`save_generator`: ``(model in eval mode, Config, metadata)``.
+
+    Raises:
+        CheckpointError: not a generator file, another architecture, or missing/unexpected weights.
+    """
+    from ..config import ConfigError, from_dict
+    from ..models.registry import create_generator
+
+    tensors, meta = load_tensors(path, device="cpu")
+    expect_kind(meta, "generator", path)
+    try:
+        cfg = from_dict(meta["config"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: its config does not fit this version of derestainer ({exc})") from exc
+    model = create_generator(cfg.model)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit model {cfg.model.name!r} "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+    return model.to(device).eval(), cfg, meta
