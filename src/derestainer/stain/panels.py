@@ -16,10 +16,18 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def choose_second_stain(rgb: np.ndarray, rgb_from_hed: np.ndarray | None = None) -> str:
-    """'dab' when the image holds more DAB than eosin (an IHC), else 'e' (an H&E)."""
+    """'dab' for an IHC, 'e' for an H&E.
+
+    Comparing E with DAB directly does not work: with Ruifrok's fixed vectors, real H&E scans show
+    *more* "DAB" than eosin (the pink-violet of H&E projects onto the DAB vector). What separates
+    them is eosin itself: DAB/haematoxylin images have practically none (E/DAB below 1e-3 on every
+    real IHC in the test data, above 0.2 on every real H&E), so an image is called IHC when its
+    mean eosin is under a tenth of its mean DAB.
+    """
     m = RGB_FROM_HED if rgb_from_hed is None else rgb_from_hed
     hed = rgb_to_hed_np(rgb, np.linalg.inv(m))
-    return "dab" if hed[..., 2].mean() > hed[..., 1].mean() else "e"
+    e, dab = hed[..., 1].mean(), hed[..., 2].mean()
+    return "dab" if e < 0.1 * dab else "e"
 
 
 def separate_image(

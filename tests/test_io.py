@@ -1,0 +1,78 @@
+"""Image reading rules, atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from derestainer.io import ImageReadError, atomic_path, list_images, read_image, write_image, write_json
+
+
+def test_rgb_round_trip(tmp_path, rng) -> None:
+    img = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    write_image(tmp_path / "a.png", img)
+    assert np.array_equal(read_image(tmp_path / "a.png"), img)
+
+
+def test_grayscale_replicated_and_16bit_scaled(tmp_path, rng) -> None:
+    g = rng.integers(0, 256, (8, 9), dtype=np.uint8)
+    Image.fromarray(g, "L").save(tmp_path / "g.png")
+    out = read_image(tmp_path / "g.png")
+    assert out.shape == (8, 9, 3) and all(np.array_equal(out[..., c], g) for c in range(3))
+    g16 = (g.astype(np.uint16) * 257)
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    assert np.array_equal(read_image(tmp_path / "g16.png")[..., 0], g)
+
+
+def test_rgba_composited_over_white(tmp_path) -> None:
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = np.array([0, 255, 128, 64])[None, :]
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    out = read_image(tmp_path / "t.png").astype(float)
+    a = rgba[0, :, 3] / 255.0
+    assert np.allclose(out[0, :, 0], np.round(200 * a + 255 * (1 - a)), atol=1)
+    assert np.allclose(out[0, :, 1], np.round(255 * (1 - a)), atol=1)
+
+
+def test_truncated_missing_and_garbage_name_the_file(tmp_path, rng) -> None:
+    img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    write_image(tmp_path / "full.png", img)
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="cut.png"):
+        read_image(tmp_path / "cut.png")
+    with pytest.raises(ImageReadError, match="nope.png"):
+        read_image(tmp_path / "nope.png")
+    (tmp_path / "junk.png").write_bytes(b"\x00" * 100)
+    with pytest.raises(ImageReadError, match="junk.png"):
+        read_image(tmp_path / "junk.png")
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path) -> None:
+    target = tmp_path / "out.json"
+    write_json(target, {"ok": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert target.read_text().strip().startswith("{") and '"ok": 1' in target.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_write_image_checks_dtype_and_format(tmp_path) -> None:
+    with pytest.raises(TypeError):
+        write_image(tmp_path / "f.png", np.zeros((2, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="unknown image format"):
+        write_image(tmp_path / "f.xyz", np.zeros((2, 2, 3), np.uint8))
+    assert not list(tmp_path.iterdir())
+
+
+def test_list_images_skips_hidden_and_other_files(tmp_path) -> None:
+    for name in ("b.png", "a.jpg", ".hidden.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.tif").write_bytes(b"x")
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png"]
+    assert [p.name for p in list_images(tmp_path, recursive=True)] == ["a.jpg", "b.png", "c.tif"]
