@@ -74,6 +74,8 @@ class DataConfig:
     mpp: float = 0.92                   # microns per pixel at training size (BCI 1024 px ≈ 0.46 µm/px)
     workers: int = 0
     cache: bool = False                 # keep decoded, resized uint8 pairs in memory
+    levels: str = ""                    # layout=folders: CSV "name,level" (else BCI-style names, else -1)
+    interpolation: str = "bilinear"     # resize filter: bilinear (antialiased) | area | bicubic | nearest
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,11 @@ class TrainConfig:
     best_metric: str = "ssim"
     max_bad_steps: int = 5              # consecutive non-finite losses before stopping
     out: str = "runs/derestainer"
+    device: str = "auto"                # auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda | cuda:N
+    sync_bn: bool = True                # SyncBatchNorm across ranks (multi-GPU CUDA runs only)
+    val_max: int = 0                    # validation pairs per validation (0 = the whole held-out split)
+    sample_count: int = 4               # rows of each sample grid (fixed held-out pairs)
+    tensorboard: str = "auto"           # auto (if installed) | on | off; log.jsonl is always written
 
 
 @dataclass(frozen=True)
