@@ -107,7 +107,11 @@ def load_generator(path: str | os.PathLike[str], device: str | torch.device = "c
         cfg = from_dict(meta["config"])
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: its config does not fit this version of derestainer ({exc})") from exc
-    model = create_generator(cfg.model)
+    # A custom stain matrix travels inside the weights (a buffer); rebuild with the default so that
+    # loading does not need the original matrix file, then let the stored buffer overwrite it.
+    import dataclasses
+
+    model = create_generator(dataclasses.replace(cfg.model, stain_matrix="ruifrok"))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(
