@@ -1,0 +1,113 @@
+"""``derestainer train-classifier``: the HER2 IHC classifier used as comparator C and as evaluator."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from .common import fail
+
+
+@click.command("train-classifier", short_help="Train the HER2 IHC classifier (comparator C / evaluator).")
+@click.option("--data", "data_root", required=True, type=click.Path(path_type=Path),
+              help="Dataset root (BCI: ROOT/IHC/{train,test}/NNNNN_{split}_{level}.png).")
+@click.option("--layout", type=click.Choice(["bci", "mist", "folders"]), default="bci", show_default=True,
+              help="How the data is laid out; MIST has no HER2 levels and is refused.")
+@click.option("--he-dir", default="HE/{split}", show_default=True,
+              help="layout=folders: H&E folder, relative to --data, may contain {split}.")
+@click.option("--ihc-dir", default="IHC/{split}", show_default=True,
+              help="layout=folders: IHC folder, relative to --data, may contain {split}.")
+@click.option("--levels", "levels_csv", type=click.Path(path_type=Path), default=None,
+              help="layout=folders: CSV 'name,level' (default: levels from BCI-style names).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Checkpoint to write (.safetensors); a JSON report is written beside it.")
+@click.option("--arch", type=click.Choice(["resnet50", "resnet18", "tiny"]), default="resnet50", show_default=True)
+@click.option("--size", type=int, default=256, show_default=True, help="Images are resized to SIZE×SIZE.")
+@click.option("--steps", type=int, default=None, help="Optimisation steps (default 2000 unless --epochs).")
+@click.option("--epochs", type=float, default=None, help="Passes over the training images instead of --steps.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=3e-4, show_default=True, help="AdamW learning rate (warm-up, cosine decay).")
+@click.option("--weight-decay", type=float, default=1e-2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Use different seeds for the comparator and the evaluator.")
+@click.option("--subset", type=click.Choice(["all", "even", "odd"]), default="all", show_default=True,
+              help="Training images by index: even/odd give two disjoint sets (comparator vs evaluator).")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--val-split", default="test", show_default=True,
+              help="Split to validate on; 'none' holds out --val-fraction of the training images instead.")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True)
+@click.option("--balance", type=click.Choice(["sampler", "none"]), default="sampler", show_default=True,
+              help="Class-balanced sampling, or uniform sampling.")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Flips, 90° rotations and a small colour jitter.")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Decode and resize every image once and keep it in memory (3·SIZE² bytes each).")
+@click.option("--workers", type=int, default=None, help="Image decoding processes (default: up to 4).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--pretrained", type=click.Path(path_type=Path), default=None,
+              help="LOCAL ImageNet weights of the ResNet (.safetensors or plain .pth state dict); never downloaded.")
+def train_classifier(
+    data_root: Path, layout: str, he_dir: str, ihc_dir: str, levels_csv: Path | None, out: Path, arch: str,
+    size: int, steps: int | None, epochs: float | None, batch_size: int, lr: float, weight_decay: float,
+    seed: int, subset: str, train_split: str, val_split: str, val_fraction: float, balance: str,
+    augment: bool, cache: bool, workers: int | None, device: str, pretrained: Path | None,
+) -> None:
+    """Train a HER2 level classifier (0, 1+, 2+, 3+) on IHC images, class-balanced, and report
+    accuracy and the confusion matrix on the validation split.
+
+    The comparator C of L_cmp and the evaluator of the semantic metrics are two runs of this command,
+    kept independent: another --seed and, where data allows, --subset even / --subset odd.
+    """
+    from ..data.datasets import BCIDataset, DatasetError, MISTDataset, PairedFolderDataset
+    from ..io import ImageReadError
+    from ..training.checkpoint import CheckpointError
+    from ..training.classifier import ClassifierDataError, fit_classifier, format_confusion
+
+    if steps is not None and epochs is not None:
+        raise fail("give --steps or --epochs, not both")
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    held_out = val_split.lower() in ("none", "")
+
+    def open_split(split: str):  # noqa: ANN202 - a paired dataset
+        if layout == "bci":
+            return BCIDataset(data_root, split)
+        if layout == "mist":
+            return MISTDataset(data_root, split)
+        dirs = [data_root / d.replace("{split}", split) for d in (he_dir, ihc_dir)]
+        return PairedFolderDataset(dirs[0], dirs[1], levels=levels_csv)
+
+    if layout == "mist":
+        raise fail("MIST has no per-image HER2 level, so a HER2 classifier cannot be trained on it; "
+                   "use BCI, or --layout folders with --levels CSV")
+    if layout == "folders" and not held_out and "{split}" not in he_dir + ihc_dir:
+        # Without {split} the "validation split" would be the training images themselves.
+        click.echo("--he-dir/--ihc-dir have no {split}: validating on a held-out fraction of the images", err=True)
+        held_out = True
+    try:
+        train_ds = open_split(train_split)
+        val_ds = None if held_out else open_split(val_split)
+        _, m = fit_classifier(
+            train_ds, arch=arch, size=size, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
+            weight_decay=weight_decay, seed=seed, val_data=val_ds, val_fraction=val_fraction if held_out else 0.0,
+            subset=subset, out=out, device=device, pretrained=pretrained, balance=balance, augment=augment,
+            cache=cache, workers=workers, progress=True,
+            extra_meta={"data": data_root.name, "layout": layout, "train_split": train_split,
+                        "val_split": None if held_out else val_split},
+            val_name=None if held_out else f"split {val_split}", log=lambda msg: click.echo(msg, err=True),
+        )
+    except (DatasetError, ClassifierDataError, CheckpointError, ImageReadError, ValueError, FloatingPointError) as exc:
+        raise fail(str(exc)) from None
+
+    click.echo(f"trained {arch} on {m['n_train']} images {m['train_counts']} for {m['steps']} steps "
+               f"in {m['seconds']:.0f} s")
+    if m["confusion"] is None:
+        click.echo("no validation images: accuracy not measured")
+    else:
+        click.echo(f"validation ({m['val_source']}, {m['n_val']} images): accuracy {m['accuracy']:.4f}, "
+                   f"balanced accuracy {m['balanced_accuracy']:.4f}")
+        click.echo(format_confusion(m["confusion"]))
+    click.echo(f"checkpoint: {m['checkpoint']}")
+    click.echo(f"report:     {m['report']}")

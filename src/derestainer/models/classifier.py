@@ -1,0 +1,323 @@
+"""The HER2 IHC classifier: comparator C for ``L_cmp`` and evaluator for the semantic metrics (DESIGN §4, §5).
+
+One class serves both roles. Trained by ``derestainer train-classifier`` on real IHC with its HER2
+level (0, 1+, 2+, 3+); as the comparator it is loaded and :func:`freeze`-d during translation
+training; as the evaluator (a second model, trained separately: another seed and, where data allows,
+other images) it embeds ground-truth and generated IHC for the top-k / kNN metrics.
+
+Inputs are in model space (float ``[-1, 1]``, ``NCHW``), like every generator's output, so that the
+comparator can be applied to generated images directly; the ImageNet normalisation torchvision's
+ResNets expect is done inside :meth:`HER2Classifier.normalize`.
+
+Nothing is downloaded: ImageNet initial weights are read from a local file (safetensors, or a
+``.pth`` loaded with ``torch.load(weights_only=True)``, which refuses pickled code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import HER2_LEVELS
+from ..training.checkpoint import CheckpointError, expect_kind, load_tensors, save_tensors
+
+#: Architectures accepted by :class:`HER2Classifier`.
+ARCHS: tuple[str, ...] = ("resnet50", "resnet18", "tiny")
+#: Display names of the HER2 levels, index = class.
+LEVEL_NAMES: tuple[str, ...] = HER2_LEVELS
+#: torchvision's ImageNet statistics (RGB, in [0, 1]).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+CLASSIFIER_FORMAT = 1
+
+
+def _tiny_backbone() -> tuple[nn.Module, int]:
+    """A ~6 k-parameter CNN for tests: 3 stride-2 conv-BN-ReLU blocks (8, 16, 32) → global average pool."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c_out in (8, 16, 32):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        c_in = c_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+    return nn.Sequential(*layers), c_in
+
+
+def _resnet_backbone(arch: str) -> tuple[nn.Module, int]:
+    """A torchvision ResNet (random init, ``weights=None``) whose ``fc`` is an identity: it returns pooled features."""
+    from torchvision import models
+
+    net = getattr(models, arch)(weights=None)
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+class HER2Classifier(nn.Module):
+    """HER2 level classifier on IHC images.
+
+    Args:
+        arch: ``resnet50`` (paper), ``resnet18``, or ``tiny`` (a very small CNN for tests).
+        n_levels: number of classes (4: HER2 0, 1+, 2+, 3+).
+        pretrained_weights: optional LOCAL file of ImageNet weights for the torchvision ResNet
+            (see :func:`load_backbone_weights`); its ``fc`` layer is ignored. Never downloaded.
+
+    Attributes:
+        feature_dim: size ``D`` of the pooled feature vector (2048 for resnet50, 512 for resnet18, 32 for tiny).
+    """
+
+    def __init__(
+        self, arch: str = "resnet50", n_levels: int = 4, pretrained_weights: str | os.PathLike[str] | None = None
+    ) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown classifier architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        if n_levels < 2:
+            raise ValueError(f"n_levels must be at least 2, got {n_levels}")
+        self.arch = arch
+        self.n_levels = int(n_levels)
+        if arch == "tiny":
+            self.backbone, self.feature_dim = _tiny_backbone()
+        else:
+            self.backbone, self.feature_dim = _resnet_backbone(arch)
+        self.fc = nn.Linear(self.feature_dim, self.n_levels)
+        # Not persistent: constants, kept out of checkpoints (and out of ImageNet weight files' key sets).
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self._frozen = False
+        if pretrained_weights is not None:
+            if arch == "tiny":
+                raise ValueError("pretrained ImageNet weights only apply to the resnet architectures, not 'tiny'")
+            load_backbone_weights(self.backbone, pretrained_weights)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space ``[-1, 1]`` → ``[0, 1]`` → ImageNet-normalised. ``[N,3,H,W]`` → ``[N,3,H,W]``."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images [N,3,H,W] in [-1,1], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError("expected float images in model space [-1,1]; convert uint8 with prepare_images()")
+        return ((x + 1.0) * 0.5 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate, global-average-pooled features (not L2-normalised). ``[N,3,H,W]`` → ``[N, D]``."""
+        return self.backbone(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Level logits. ``[N,3,H,W]`` in ``[-1,1]`` → ``[N, n_levels]``."""
+        return self.fc(self.features(x))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [N, n_levels], features [N, D])`` in one pass (evaluation wants both)."""
+        f = self.features(x)
+        return self.fc(f), f
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def train(self, mode: bool = True) -> HER2Classifier:
+        # A frozen classifier stays in eval mode even when a parent module's .train() recurses into it:
+        # its BatchNorm must use the running statistics learnt on real IHC, never the generator's batch.
+        return super().train(mode and not self._frozen)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze a classifier for use as the comparator: eval mode, ``requires_grad=False`` everywhere.
+
+    For a :class:`HER2Classifier` the eval mode is pinned: a later ``.train()`` (called directly or
+    by a parent module) leaves it in eval mode, so its BatchNorm keeps using running statistics.
+    Gradients still flow *through* it to its input (``L_cmp`` needs them w.r.t. the generated
+    image), so do not wrap the generated branch in ``torch.no_grad()``; the real-IHC branch may be.
+
+    How the trainer should hold it: as a plain attribute of the trainer or loss object, not as a
+    sub-module of the generator — so that it is neither saved into generator checkpoints, nor
+    handed to the optimiser, nor wrapped by DistributedDataParallel (each rank loads the same file).
+    The pinned eval mode is the safety net if it does end up inside a module tree.
+
+    Returns:
+        The same module (for chaining).
+    """
+    if isinstance(model, HER2Classifier):
+        model._frozen = True
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# ImageNet initialisation from a local file
+
+
+def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file (ImageNet weights are never downloaded; give a local file)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, ...) for bad files
+        raise CheckpointError(
+            f"{path}: cannot load as a plain state dict with torch.load(weights_only=True) ({exc}); "
+            "convert it to safetensors or to a plain tensor state dict"
+        ) from exc
+    # Common wrappers: {'state_dict': {...}} (Lightning), {'model': {...}} (timm/DeiT training checkpoints).
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    return obj
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Load ImageNet weights of a torchvision ResNet from a local file into ``backbone`` (fc excluded).
+
+    Accepted: safetensors, or a ``.pth``/``.pt``/``.bin`` state dict read with ``torch.load(weights_only=True)``;
+    keys as in torchvision/timm (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...), an optional
+    ``module.`` or ``backbone.`` prefix is stripped; ``fc.*`` is ignored (the HER2 head is new).
+
+    Returns:
+        ``{'loaded': [...], 'ignored': [...]}`` key lists.
+    Raises:
+        CheckpointError: unreadable file, missing weights, or shapes of another architecture.
+    """
+    p = Path(path)
+    state = _read_weight_file(p)
+    clean: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    for k, v in state.items():
+        for prefix in ("module.", "backbone."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.startswith("fc."):
+            ignored.append(k)
+            continue
+        clean[k] = v
+    own = backbone.state_dict()
+    unexpected = sorted(set(clean) - set(own))
+    # num_batches_tracked is absent from older torchvision files; it only matters for momentum=None.
+    missing = sorted(k for k in set(own) - set(clean) if not k.endswith("num_batches_tracked"))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{p}: weights do not fit this ResNet (missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}); is it another architecture?"
+        )
+    bad = [k for k, v in clean.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise CheckpointError(
+            f"{p}: tensor shapes do not fit this ResNet (e.g. {bad[0]}: {tuple(clean[bad[0]].shape)} vs "
+            f"{tuple(own[bad[0]].shape)}); is it another architecture?"
+        )
+    backbone.load_state_dict({k: v.to(own[k].dtype) for k, v in clean.items()}, strict=False)
+    return {"loaded": sorted(clean), "ignored": sorted(ignored)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Input preparation shared by training, the comparator and evaluation
+
+
+def prepare_images(images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """uint8 ``[N,3,H,W]`` (or ``[3,H,W]``) → float model space ``[N,3,size,size]`` in ``[-1, 1]``.
+
+    The whole image is resized (bilinear, antialiased) to ``size × size``, as in classifier training,
+    so that evaluation embeds images exactly as the classifier saw them. ``size=None`` keeps the size.
+    Float input is taken to be in model space already and only resized.
+    """
+    x = images.unsqueeze(0) if images.dim() == 3 else images
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images [N,3,H,W], got shape {tuple(images.shape)}")
+    if x.dtype == torch.uint8:
+        x = x.float().div(127.5).sub(1.0)
+    elif not x.is_floating_point():
+        raise TypeError(f"expected uint8 or float images, got {x.dtype}")
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(-1.0, 1.0)
+    return x
+
+
+def names_hash(names: Iterable[str]) -> str:
+    """SHA-256 of the sorted image names, one per line: identifies a training set in checkpoint metadata."""
+    h = hashlib.sha256()
+    for n in sorted(names):
+        h.update(n.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_classifier(path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write a classifier as one safetensors file, atomically.
+
+    The metadata gets ``kind='classifier'``, ``format``, ``arch`` and ``n_levels`` from the model;
+    ``meta`` should add the training facts: ``size`` (input px), ``seed``, ``train_images_hash``
+    (:func:`names_hash`), ``accuracy`` and anything else JSON-able.
+    """
+    module = getattr(model, "module", model)  # unwrap DDP / compile wrappers
+    module = getattr(module, "_orig_mod", module)
+    if not isinstance(module, HER2Classifier):
+        raise TypeError(f"save_classifier expects a HER2Classifier, got {type(module).__name__}")
+    full = {**meta, "kind": "classifier", "format": CLASSIFIER_FORMAT, "arch": module.arch, "n_levels": module.n_levels}
+    return save_tensors(path, module.state_dict(), full)
+
+
+def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[HER2Classifier, dict[str, Any]]:
+    """Load a classifier written by :func:`save_classifier`: ``(model in eval mode, metadata)``.
+
+    Raises:
+        CheckpointError: missing or unreadable file, another kind of checkpoint (e.g. a generator),
+            an unknown architecture, or weights that do not fit it.
+    """
+    tensors, meta = load_tensors(path, device="cpu")
+    expect_kind(meta, "classifier", path)
+    arch, n_levels = meta.get("arch"), meta.get("n_levels")
+    if arch not in ARCHS or not isinstance(n_levels, int):
+        raise CheckpointError(
+            f"{path}: classifier metadata names arch={arch!r}, n_levels={n_levels!r}, which this version cannot build"
+        )
+    model = HER2Classifier(arch=arch, n_levels=n_levels)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit classifier {arch!r} (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+    return model.to(device).eval(), meta
+
+
+def load_comparator(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[HER2Classifier, dict[str, Any]]:
+    """:func:`load_classifier` then :func:`freeze`: the comparator C for ``L_cmp``, ``(frozen model, metadata)``.
+
+    ``meta['size']`` is the resolution it was trained at; its pooled features are most meaningful for
+    inputs near that size (resize with :func:`prepare_images` or train the comparator at the
+    translation resolution).
+    """
+    model, meta = load_classifier(path, device)
+    return freeze(model), meta  # type: ignore[return-value]
+
+
+def independence_warnings(comparator_meta: dict[str, Any], evaluator_meta: dict[str, Any]) -> list[str]:
+    """Reasons why an evaluator may not be independent of the comparator (DESIGN §5); empty if none found.
+
+    The evaluator should differ in seed and, where data allows, in training images (``--subset even|odd``).
+    """
+    out: list[str] = []
+    if comparator_meta.get("seed") is not None and comparator_meta.get("seed") == evaluator_meta.get("seed"):
+        out.append(f"comparator and evaluator were trained with the same seed ({evaluator_meta.get('seed')})")
+    h1, h2 = comparator_meta.get("train_images_hash"), evaluator_meta.get("train_images_hash")
+    if h1 and h1 == h2:
+        out.append("comparator and evaluator were trained on the same images")
+    return out
