@@ -9,7 +9,7 @@ import click
 from .common import fail
 
 
-@click.command(short_help="Split images into H, E and DAB channel images with a panel.")
+@click.command(short_help="Split images into H, E and DAB channel images.")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--second", type=click.Choice(["auto", "e", "dab"]), default="auto", show_default=True,
