@@ -76,3 +76,14 @@ def test_list_images_skips_hidden_and_other_files(tmp_path) -> None:
     (tmp_path / "sub" / "c.tif").write_bytes(b"x")
     assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png"]
     assert [p.name for p in list_images(tmp_path, recursive=True)] == ["a.jpg", "b.png", "c.tif"]
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path) -> None:
+    import os
+    import stat
+
+    from derestainer import io as dio
+
+    write_json(tmp_path / "p.json", {})
+    assert stat.S_IMODE((tmp_path / "p.json").stat().st_mode) == 0o666 & ~dio._UMASK
+    assert dio._UMASK == os.umask(dio._UMASK)

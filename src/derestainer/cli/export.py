@@ -1,0 +1,33 @@
+"""``derestainer export``: one self-describing safetensors model file from a training checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import fail
+
+
+@click.command(short_help="Export a checkpoint's generator as one model file.")
+@click.option("--checkpoint", "-m", "checkpoint", required=True, type=click.Path(path_type=Path),
+              help="Run folder, checkpoint folder, or generator .safetensors file.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Model file to write (.safetensors).")
+@click.option("--mpp", type=float, default=None,
+              help="Microns per pixel of the training images at training size (overrides the config's data.mpp).")
+def export(checkpoint: Path, out: Path, mpp: float | None) -> None:
+    """Write the generator with its config and training resolution (size, µm/px) in the metadata.
+
+    The file loads without unpickling anything (derestainer.training.checkpoint.load_generator) and is
+    what `derestainer translate` and `translate-slide` take as --checkpoint.
+    """
+    from ..inference.patches import export_model
+    from ..training.checkpoint import CheckpointError
+
+    if mpp is not None and mpp <= 0:
+        raise fail(f"--mpp must be positive, got {mpp}")
+    try:
+        meta = export_model(checkpoint, out, mpp=mpp)
+    except CheckpointError as exc:
+        raise fail(str(exc)) from None
+    click.echo(f"{out}: {meta['model']} generator, trained at {meta['size']} px, {meta['mpp']:g} µm/px")

@@ -1,0 +1,55 @@
+"""``derestainer translate``: H&E images or folders → virtual IHC images + predicted HER2 level."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import fail
+
+
+@click.command(short_help="Translate H&E images or folders into virtual IHC.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", "-m", "checkpoint", required=True, type=click.Path(path_type=Path),
+              help="Exported model file, training checkpoint folder, or run folder.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Images per batch (images of equal size are batched together).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps.")
+@click.option("--tta", is_flag=True, help="Test-time augmentation: average the 8 flips/rotations (8× slower).")
+@click.option("--recursive/--no-recursive", default=True, show_default=True,
+              help="Descend into sub-folders of folder inputs (the folder structure is mirrored).")
+@click.option("--mpp", "input_mpp", type=float, default=None,
+              help="Microns per pixel of the inputs: resize to the model's training resolution and back. "
+                   "Default: inputs are taken to be at the training resolution.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto = bf16 autocast on CUDA, fp32 elsewhere.")
+def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_size: int, device: str, tta: bool,
+              recursive: bool, input_mpp: float | None, precision: str) -> None:
+    """Translate INPUTS (images and/or folders) into virtual IHC PNGs of the same size in --out.
+
+    Also writes OUT/predictions.csv and OUT/predictions.json: the predicted HER2 level and the
+    probability of each level per image (empty for models without a level head).
+    """
+    from tqdm.auto import tqdm
+
+    from ..inference.patches import collect_inputs, load_model, translate_files
+    from ..io import ImageReadError
+    from ..training.checkpoint import CheckpointError
+
+    try:
+        jobs = collect_inputs(inputs, recursive=recursive)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    try:
+        lm = load_model(checkpoint, device)
+    except (CheckpointError, RuntimeError) as exc:
+        raise fail(str(exc)) from None
+    with tqdm(total=len(jobs), unit="img", desc="translate") as bar:
+        try:
+            rows = translate_files(lm, jobs, out_dir, batch_size=batch_size, tta=tta, input_mpp=input_mpp,
+                                   precision=precision, progress=bar.update)
+        except ImageReadError as exc:
+            raise fail(str(exc)) from None
+    click.echo(f"{len(rows)} images → {out_dir} (predictions.csv, predictions.json); model {lm.path} on {lm.device}")

@@ -1,0 +1,233 @@
+"""Streaming writer of tiled, pyramidal (OME-)TIFF files with physical pixel size.
+
+The base level is consumed as a stream of full-width row blocks (never the whole image); each
+reduced level (2× area-averaged) is built from the level above while that level is written, spooled
+to a work folder as compressed chunks, and written next. Peak memory is a few row bands of the
+image width, whatever the image height.
+
+Two layouts:
+
+- ``ome`` (default): OME-TIFF, pyramid in SubIFDs of the base image (OME-TIFF 6 pyramid; what
+  QuPath/Bio-Formats and tiffslide read as one multi-resolution image). OpenSlide 4 reads it as a
+  generic TIFF with level 0 only (its correct size and µm/px, just no reduced levels).
+- ``openslide``: a plain pyramidal tiled TIFF with the reduced levels as further top-level pages
+  (the layout of ``vips tiffsave --pyramid``); OpenSlide sees every level; QuPath opens it through
+  OpenSlide. No OME-XML.
+
+Both carry the pixel size as TIFF resolution tags (pixels per centimetre), which OpenSlide turns
+into ``openslide.mpp-x/y``; the OME layout also as OME ``PhysicalSizeX/Y`` in µm.
+
+Compression: ``jpeg`` (quality 90 by default; what scanners write, ~10× smaller) or ``lossless``
+(Deflate with horizontal predictor, readable by every TIFF reader including OpenSlide and
+Bio-Formats; JPEG-XL/JPEG 2000 in TIFF are not read by OpenSlide and are not used).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io import atomic_path
+from .tiling import downsample2_rows, rows_to_tiles
+
+COMPRESSIONS = ("jpeg", "lossless")
+LAYOUTS = ("ome", "openslide")
+
+
+def level_shapes(height: int, width: int, tile: int = 256, min_side: int | None = None) -> list[tuple[int, int]]:
+    """Sizes ``(h, w)`` of the pyramid: base, then halved (rounding up) until the longer side ≤ ``min_side``.
+
+    ``min_side`` defaults to ``tile`` (the smallest level fits in one tile row or column).
+    """
+    min_side = tile if min_side is None else min_side
+    shapes = [(height, width)]
+    while max(shapes[-1]) > min_side:
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+class _Spool:
+    """Row blocks saved to numbered compressed ``.npz`` files, read back once in order (then deleted).
+
+    A spool holds one reduced pyramid level (a quarter of the level above) between its creation
+    while the level above is written and its own writing: memory stays at one file's worth of rows.
+    """
+
+    def __init__(self, folder: Path, name: str, rows_per_file: int = 256) -> None:
+        self.folder = folder
+        self.name = name
+        self.rows_per_file = rows_per_file
+        self.count = 0
+        self._pending: list[np.ndarray] = []
+        self._n = 0
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob(f"{name}_*.npz"):
+            old.unlink()
+
+    def write(self, block: np.ndarray) -> None:
+        self._pending.append(block)
+        self._n += block.shape[0]
+        if self._n >= self.rows_per_file:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = np.concatenate(self._pending, axis=0)
+        path = self.folder / f"{self.name}_{self.count:06d}.npz"
+        np.savez_compressed(path, rows=data)
+        self.count += 1
+        self._pending, self._n = [], 0
+
+    def close(self) -> None:
+        self._flush()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for k in range(self.count):
+            path = self.folder / f"{self.name}_{k:06d}.npz"
+            with np.load(path) as f:
+                rows = f["rows"]
+            path.unlink()
+            yield rows
+
+
+def _tee_downsample(rows: Iterable[np.ndarray], spool: _Spool | None) -> Iterator[np.ndarray]:
+    """Pass ``rows`` through unchanged while spooling their 2× reduction (if ``spool``)."""
+    if spool is None:
+        yield from rows
+        return
+    pending: list[np.ndarray] = []
+
+    def gen() -> Iterator[np.ndarray]:
+        for block in rows:
+            pending.append(block)
+            yield block
+
+    # downsample2_rows pulls blocks from gen(); we forward each block as soon as it is pulled.
+    ds = downsample2_rows(gen())
+    for small in ds:
+        spool.write(small)
+        while pending:
+            yield pending.pop(0)
+    while pending:
+        yield pending.pop(0)
+    spool.close()
+
+
+def write_pyramid(
+    path: str | os.PathLike[str],
+    rows: Iterable[np.ndarray],
+    height: int,
+    width: int,
+    mpp: float,
+    *,
+    work_dir: str | os.PathLike[str],
+    tile: int = 256,
+    compression: str = "jpeg",
+    quality: int = 90,
+    layout: str = "ome",
+    name: str = "virtual IHC",
+    description: str = "",
+) -> dict[str, Any]:
+    """Write a tiled pyramidal TIFF from a stream of full-width RGB row blocks, atomically.
+
+    Args:
+        path: output file (``.ome.tiff`` for the OME layout by convention).
+        rows: uint8 blocks ``[r, width, 3]``, top to bottom, summing to ``height`` rows.
+        height, width: base image size.
+        mpp: microns per pixel of the base level.
+        work_dir: folder for the spooled reduced levels (created; emptied of spool files after).
+        tile: TIFF tile side (multiple of 16).
+        compression: ``jpeg`` or ``lossless`` (Deflate + predictor).
+        quality: JPEG quality.
+        layout: ``ome`` (SubIFD pyramid, OME-XML) or ``openslide`` (top-level reduced pages).
+        name: OME image name.
+        description: ImageDescription for the ``openslide`` layout.
+
+    Returns:
+        ``{"levels": [(h, w), ...], "mpp": [...per level], "compression", "layout", "tile"}``.
+
+    Nothing is left at ``path`` if writing fails or is interrupted (temporary name, then rename).
+    """
+    import tifffile
+
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if tile % 16:
+        raise ValueError(f"TIFF tile side must be a multiple of 16, got {tile}")
+    shapes = level_shapes(height, width, tile)
+    work = Path(work_dir)
+    common: dict[str, Any] = {"tile": (tile, tile), "photometric": "rgb", "dtype": np.uint8, "resolutionunit": "CENTIMETER"}
+    if compression == "jpeg":
+        common.update(compression="jpeg", compressionargs={"level": int(quality)})
+    else:
+        common.update(compression="zlib", compressionargs={"level": 6}, predictor=True)
+    spools: list[_Spool] = []
+    try:
+        with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=(layout == "ome")) as tif:
+            for k, (h, w) in enumerate(shapes):
+                src: Iterable[np.ndarray] = rows if k == 0 else spools[k - 1]
+                nxt = _Spool(work, f"level{k + 1}") if k + 1 < len(shapes) else None
+                if nxt is not None:
+                    spools.append(nxt)
+                stream = _checked(_tee_downsample(src, nxt), h, w, k)
+                px_per_cm = 1e4 / (mpp * width / w)
+                kwargs: dict[str, Any] = {**common, "shape": (h, w, 3), "resolution": (px_per_cm, px_per_cm)}
+                if k == 0:
+                    if layout == "ome":
+                        kwargs["subifds"] = len(shapes) - 1
+                        kwargs["metadata"] = {
+                            "axes": "YXS", "Name": name,
+                            "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
+                            "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm",
+                        }
+                    else:
+                        kwargs["description"] = description or name
+                        kwargs["metadata"] = None
+                else:
+                    kwargs["subfiletype"] = 1  # reduced-resolution image
+                    if layout == "openslide":
+                        kwargs["metadata"] = None
+                tif.write(rows_to_tiles(stream, w, tile), **kwargs)
+                # tifffile stops pulling once it has every tile; run the stream to its end so that the
+                # row count is checked and the next level's spool is flushed.
+                for _ in stream:
+                    pass
+    finally:
+        for sp in spools:
+            for f in sp.folder.glob(f"{sp.name}_*.npz"):
+                f.unlink()
+    return {
+        "levels": [list(s) for s in shapes],
+        "mpp": [mpp * width / s[1] for s in shapes],
+        "compression": compression,
+        "layout": layout,
+        "tile": tile,
+    }
+
+
+def _checked(rows: Iterable[np.ndarray], h: int, w: int, level: int) -> Iterator[np.ndarray]:
+    """Forward row blocks, checking widths, dtype and that exactly ``h`` rows arrive."""
+    n = 0
+    for block in rows:
+        if block.dtype != np.uint8 or block.ndim != 3 or block.shape[1:] != (w, 3):
+            raise ValueError(f"level {level}: row block {block.dtype} {block.shape}, expected uint8 [r, {w}, 3]")
+        n += block.shape[0]
+        if n > h:
+            raise ValueError(f"level {level}: more than {h} rows")
+        yield block
+    if n != h:
+        raise ValueError(f"level {level}: got {n} rows, expected {h}")
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Delete a work folder (no error if absent)."""
+    shutil.rmtree(path, ignore_errors=True)
