@@ -1,1 +1,11 @@
+"""Baselines the paper compares with, in the same framework (registry, trainer, data, evaluation).
 
+Importing this package registers ``pix2pix``, ``pyramidpix2pix`` and ``pix2pixhd`` with
+:mod:`derestainer.models.registry`. What makes each baseline is its generator *and* its preset
+(``configs/pix2pix.yaml``, ``pyramidpix2pix.yaml``, ``pix2pixhd.yaml``: loss weights, discriminator
+scales, optimiser); see docs/benchmarks.md.
+"""
+
+from .pix2pix import ResnetBlock, ResnetGenerator, build_resnet_generator
+
+__all__ = ["ResnetBlock", "ResnetGenerator", "build_resnet_generator"]

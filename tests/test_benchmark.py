@@ -1,0 +1,319 @@
+"""``derestainer benchmark``: configs under one budget, summary statistics, report, resumability, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import derestainer.benchmark as bm
+from derestainer.config import load_config, preset_names
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+
+
+def test_preset_delta_is_the_difference_from_paper() -> None:
+    assert bm.preset_delta("derestainer") == {}
+    assert bm.preset_delta("no_dab") == {"loss": {"dab": 0.0}}
+    assert bm.preset_delta("rgb_encoder") == {"model": {"encoder_input": "rgb"}}
+    d = bm.preset_delta("pix2pix")
+    assert d["model"]["name"] == "pix2pix" and d["loss"]["l1"] == 100.0 and d["model"]["d_scales"] == 1
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_model_config_on_paper_is_the_preset(preset: str) -> None:
+    assert bm.model_config(preset, "paper") == load_config(preset)
+
+
+def test_model_config_keeps_the_base_widths() -> None:
+    tiny = load_config("tiny")
+    for name in ("pix2pix", "pyramidpix2pix", "no_stain", "rgb_encoder"):
+        cfg = bm.model_config(name, "tiny")
+        assert (cfg.model.ngf, cfg.model.ndf, cfg.model.n_fusion_blocks, cfg.model.d_layers) == (
+            tiny.model.ngf, tiny.model.ndf, tiny.model.n_fusion_blocks, tiny.model.d_layers)
+        assert cfg.data.size == tiny.data.size
+    p2p = bm.model_config("pix2pix", "tiny", ["train.lr=1e-3"])
+    assert p2p.model.name == "pix2pix" and p2p.model.n_down == 2 and p2p.loss.content == 0 and p2p.train.lr == 1e-3
+    assert bm.model_config("no_stain", "tiny").loss == load_config("tiny", ["loss.stain=0"]).loss
+    # MODEL:section.key=value reaches that model only
+    ov = ["pix2pix:model.ngf=16", "train.seed=3"]
+    assert bm.model_config("pix2pix", "tiny", ov).model.ngf == 16 and bm.model_config("pix2pix", "tiny", ov).train.seed == 3
+    assert bm.model_config("no_dab", "tiny", ov).model.ngf == 8 and bm.model_config("no_dab", "tiny", ov).train.seed == 3
+
+
+def test_run_config_applies_the_budget(tmp_path: Path) -> None:
+    spec = bm.BenchmarkSpec(data=tmp_path / "d", models=("pix2pix",), steps=7, out=tmp_path / "o", size=48,
+                            batch_size=3, base_config="tiny")
+    cfg = bm.run_config(spec, "pix2pix", 5, tmp_path / "run", comparator=tmp_path / "c.safetensors")
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.data.size, cfg.train.seed) == (7, 3, 48, 5)
+    assert cfg.data.root == str(tmp_path / "d") and cfg.train.out == str(tmp_path / "run" / "train")
+    assert cfg.train.comparator == ""  # pix2pix has no L_cmp
+    cfg = bm.run_config(spec, "derestainer", 5, tmp_path / "run", comparator=tmp_path / "c.safetensors")
+    assert cfg.train.comparator == str(tmp_path / "c.safetensors")
+
+
+def test_bad_model_and_override(tmp_path: Path) -> None:
+    with pytest.raises(bm.BenchmarkError, match="nonexistent"):
+        bm.model_config("nonexistent")
+    with pytest.raises(bm.BenchmarkError, match="section"):
+        bm.model_config("pix2pix", overrides=["lr=1"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics and the report
+
+
+def test_mean_std_matches_statistics() -> None:
+    vals = [0.51, 0.47, 0.6, 0.55]
+    m, s = bm.mean_std(vals)
+    assert m == pytest.approx(statistics.mean(vals)) and s == pytest.approx(statistics.stdev(vals))
+    m1, s1 = bm.mean_std([0.3])
+    assert m1 == 0.3 and math.isnan(s1)
+
+
+def test_summarize_and_table() -> None:
+    runs = [
+        {"model": "a", "seed": 0, "metrics": {"ssim": 0.5, "psnr": 20.0, "fid": 3.0, "note": "x"}},
+        {"model": "a", "seed": 1, "metrics": {"ssim": 0.6, "psnr": 22.0, "fid": 1.0}},
+        {"model": "b", "seed": 0, "metrics": {"ssim": 0.7, "psnr": 18.0}},
+        {"model": "b", "seed": 1, "metrics": {"ssim": 0.7, "psnr": 19.0, "fid": 2.0}},
+    ]
+    s = bm.summarize(runs, ["a", "b"])
+    assert "note" not in s["a"]
+    assert s["a"]["ssim"]["mean"] == pytest.approx(0.55) and s["a"]["ssim"]["std"] == pytest.approx(np.std([0.5, 0.6], ddof=1))
+    assert s["b"]["fid"]["n"] == 1
+    table = bm.markdown_table(s, [("SSIM", "ssim", True), ("PSNR", "psnr", True), ("FID", "fid", False), ("top-1", "top1", True)])
+    lines = table.splitlines()
+    assert lines[0].startswith("| Method | SSIM ↑ | PSNR ↑ | FID ↓")
+    row_a, row_b = lines[2], lines[3]
+    assert "0.550 ± 0.071" in row_a and "**21.00 ± 1.41**" in row_a  # higher PSNR is better
+    assert "**0.700 ± 0.000**" in row_b
+    assert "**2.00**" in row_b and "2.00 ± 1.41" in row_a  # lower FID is better; one value: no ±
+    assert row_a.endswith("| – |")  # missing metric
+
+
+def test_paper_table_is_quoted_and_marked() -> None:
+    text = bm.paper_table()
+    assert "paper" in text.lower() and "not measured here" in text
+    assert "| DeReStainer (Ours) | 0.564 | 20.647 | 0.563 | 0.726 | 0.796 | 0.600 |" in text
+    assert "| PyramidPix2Pix | 0.477 | 21.161 | 0.335 | 0.505 | 0.613 | 0.330 |" in text
+    assert "| w/o L_DAB | 0.555 | 20.141 | 0.554 | 0.714 | 0.788 | 0.562 |" in text
+
+
+def test_flatten_metrics() -> None:
+    nested = {
+        "n_images": 4,
+        "pixel": {"ssim": {"mean": 0.4}, "psnr": {"mean": 18.5}},
+        "stain": {"thresholds_od10": {"dab": 0.15}, "dab_od": {"pearson_r": 0.9, "mae": 0.01}},
+        "semantic": {"top1": 0.5, "top3": 0.75, "top5": 1.0, "knn": 0.25,
+                     "exclude_self": {"top1": 0.25, "knn": 0.0},
+                     "direct": {"accuracy_generated": 0.5, "accuracy_ground_truth": 1.0},
+                     "distribution": {"fid": 3.5, "kid": {"mean": 0.1, "std": 0.01}}},
+    }
+    flat = bm.flatten_metrics(nested)
+    assert flat == {"n_images": 4, "ssim": 0.4, "psnr": 18.5, "dab_od_pearson": 0.9, "dab_od_mae": 0.01,
+                    "top1": 0.5, "top3": 0.75, "top5": 1.0, "knn": 0.25, "top1_excl_self": 0.25, "knn_excl_self": 0.0,
+                    "evaluator_accuracy": 0.5, "evaluator_accuracy_real": 1.0, "fid": 3.5, "kid": 0.1}
+    assert bm.flatten_metrics({"n_images": 1, "pixel": {"ssim": {"mean": 1.0}, "psnr": {"mean": None}}}) == {"n_images": 1, "ssim": 1.0}
+
+
+def test_level_of() -> None:
+    assert [bm.level_of(n) for n in ("00001_test_0.png", "00002_test_1+.png", "3_train_3+.jpg", "x.png")] == [0, 1, 3, -1]
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from derestainer.data.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(root, n_train=8, n_test=8, size=32, seed=0, workers=1)
+    return root
+
+
+def _spec(synth: Path, out: Path, **kw) -> bm.BenchmarkSpec:
+    args = {"data": synth, "models": ("derestainer", "pix2pix"), "steps": 2, "out": out, "size": 32, "batch_size": 2,
+            "seeds": (0,), "base_config": "tiny", "classifier_arch": "tiny", "classifier_steps": 8, "device": "cpu",
+            "eval_workers": 1}
+    args.update(kw)
+    return bm.BenchmarkSpec(**args)
+
+
+@pytest.fixture(scope="module")
+def real_run(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The one real path: trainer, translation, evaluation and classifier training, 2 models × 1 seed."""
+    out = tmp_path_factory.mktemp("bench")
+    results = bm.run_benchmark(_spec(synth, out), log=lambda m: None)
+    return out, results
+
+
+def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    def boom(*a, **k):
+        raise AssertionError("this stage must not run again")
+
+    for n in names:
+        monkeypatch.setattr(bm, n, boom)
+
+
+def test_end_to_end_writes_table_figure_json(real_run: tuple[Path, dict]) -> None:
+    out, results = real_run
+    assert [(r["model"], r["seed"]) for r in results["runs"]] == [("derestainer", 0), ("pix2pix", 0)]
+    for r in results["runs"]:
+        m = r["metrics"]
+        assert m["n_images"] == 8 and -1 <= m["ssim"] <= 1 and math.isfinite(m["psnr"])
+        assert 0 <= m["top1"] <= m["top3"] <= m["top5"] <= 1 and 0 <= m["knn"] <= 1
+        assert r["config"]["train"]["steps"] == 2 and r["config"]["data"]["size"] == 32
+        assert (out / "runs" / r["model"] / "seed0" / "done.json").is_file()
+    assert results["runs"][1]["config"]["model"]["name"] == "pix2pix"
+    # classifiers trained here: different seeds and disjoint training images, recorded
+    ev, cmp = results["classifiers"]["evaluator"], results["classifiers"]["comparator"]
+    assert ev["trained_by_benchmark"] and cmp["trained_by_benchmark"]
+    assert ev["settings"]["seed"] != cmp["settings"]["seed"]
+    assert {ev["settings"]["subset"], cmp["settings"]["subset"]} == {"even", "odd"}
+    from derestainer.training.checkpoint import read_meta
+
+    assert read_meta(ev["path"])["train_images_hash"] != read_meta(cmp["path"])["train_images_hash"]
+    # only DeReStainer uses the comparator
+    assert results["runs"][0]["config"]["train"]["comparator"] == cmp["path"]
+    assert results["runs"][1]["config"]["train"]["comparator"] == ""
+
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["summary"]["pix2pix"]["ssim"]["mean"] == pytest.approx(results["runs"][1]["metrics"]["ssim"])
+    table = (out / "table.md").read_text()
+    assert "| derestainer |" in table and "| pix2pix |" in table and "The paper's numbers" in table
+    assert f"{results['runs'][1]['metrics']['ssim']:.3f}" in table
+    from derestainer.models.registry import create_generator
+
+    g = create_generator(bm.model_config("pix2pix", "tiny").model)
+    assert results["runs"][1]["generator_params"] == sum(p.numel() for p in g.parameters())
+    from derestainer.io import read_image
+
+    fig = read_image(out / "figure.png")
+    assert fig.ndim == 3 and fig.shape[0] > fig.shape[1] / 2  # 4 rows (levels) × 4 columns
+    assert (out / "figure.png").stat().st_size < 300_000
+
+
+def test_rerun_skips_finished_runs(real_run: tuple[Path, dict], synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out0, first = real_run
+    out = tmp_path / "bench"
+    shutil.copytree(out0, out)
+    _forbid(monkeypatch, "_train_generator", "_translate", "_evaluate", "_train_classifier")
+    again = bm.run_benchmark(_spec(synth, out), log=lambda m: None)
+    assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in first["runs"]]
+
+
+def test_changed_budget_is_refused(real_run: tuple[Path, dict], synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "bench"
+    shutil.copytree(real_run[0], out)
+    _forbid(monkeypatch, "_train_generator", "_translate", "_evaluate")
+    with pytest.raises(bm.BenchmarkError, match="another configuration"):
+        bm.run_benchmark(_spec(synth, out, steps=3), log=lambda m: None)
+
+
+def test_new_evaluator_reevaluates_without_retraining(
+    real_run: tuple[Path, dict], synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "bench"
+    shutil.copytree(real_run[0], out)
+    first = real_run[1]
+    _forbid(monkeypatch, "_train_generator", "_train_classifier")
+    # another evaluator: the benchmark's comparator (a different classifier) given as --evaluator
+    other = out / "classifiers" / "comparator.safetensors"
+    res = bm.run_benchmark(_spec(synth, out, models=("pix2pix",), evaluator=other), log=lambda m: None)
+    (run,) = res["runs"]
+    assert run["train_seconds"] == first["runs"][1]["train_seconds"]
+    assert run["metrics"]["ssim"] == pytest.approx(first["runs"][1]["metrics"]["ssim"])  # same images
+    assert res["classifiers"]["evaluator"] == {"path": str(other), "trained_by_benchmark": False,
+                                               "digest": bm.file_digest(other)}
+
+
+def test_failed_evaluation_does_not_cost_a_retraining(
+    real_run: tuple[Path, dict], synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "bench"
+    shutil.copytree(real_run[0], out)
+    (out / "runs" / "pix2pix" / "seed0" / "done.json").unlink()  # as if evaluation had crashed
+    assert not (out / "runs" / "pix2pix" / "seed0" / "train" / "checkpoints").exists()  # pruned after training
+    _forbid(monkeypatch, "_train_generator", "_train_classifier")
+    res = bm.run_benchmark(_spec(synth, out, models=("pix2pix",)), log=lambda m: None)
+    assert res["runs"][0]["metrics"] == real_run[1]["runs"][1]["metrics"]
+
+
+def test_seeds_give_mean_and_std(synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stubbed stages: 3 seeds of one model; the table shows mean ± sample std of the per-seed values."""
+    import torch
+
+    from derestainer.models.registry import create_generator
+    from derestainer.training.checkpoint import save_generator
+
+    def fake_train(cfg, run_dir, log):
+        torch.manual_seed(cfg.train.seed)
+        return save_generator(run_dir / "generator.safetensors", create_generator(cfg.model), cfg)
+
+    def fake_translate(generator, he_dir, out_dir, batch_size, device, log):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for p in he_dir.iterdir():
+            shutil.copy(p, out_dir / p.name)
+
+    def fake_eval(pred_dir, gt_dir, evaluator, out_dir, device, workers, log):
+        seed = int(pred_dir.parent.name.removeprefix("seed"))
+        return {"ssim": 0.5 + 0.1 * seed, "psnr": 20.0, "top1": 0.25}
+
+    monkeypatch.setattr(bm, "_train_generator", fake_train)
+    monkeypatch.setattr(bm, "_translate", fake_translate)
+    monkeypatch.setattr(bm, "_evaluate", fake_eval)
+    ev = tmp_path / "ev.safetensors"
+    ev.write_bytes(b"stand-in")  # only its digest is read when _evaluate is stubbed
+    res = bm.run_benchmark(_spec(synth, tmp_path / "o", models=("pyramidpix2pix",), seeds=(0, 1, 2), evaluator=ev),
+                           log=lambda m: None)
+    s = res["summary"]["pyramidpix2pix"]["ssim"]
+    assert s["values"] == pytest.approx([0.5, 0.6, 0.7]) and s["std"] == pytest.approx(0.1)
+    assert "0.600 ± 0.100" in (tmp_path / "o" / "table.md").read_text()
+    assert "comparator" not in res["classifiers"]  # pix2pix-type models need none
+
+
+def test_input_validation(synth: Path, tmp_path: Path) -> None:
+    with pytest.raises(bm.BenchmarkError, match="missing"):
+        bm.run_benchmark(_spec(tmp_path, tmp_path / "o"))
+    with pytest.raises(bm.BenchmarkError, match="twice"):
+        bm.run_benchmark(_spec(synth, tmp_path / "o", models=("pix2pix", "pix2pix")))
+    with pytest.raises(bm.BenchmarkError, match="nope"):
+        bm.run_benchmark(_spec(synth, tmp_path / "o", models=("pix2pix", "nope")))
+    with pytest.raises(bm.BenchmarkError, match="no such file"):
+        bm.run_benchmark(_spec(synth, tmp_path / "o", evaluator=tmp_path / "missing.safetensors"))
+    with pytest.raises(bm.BenchmarkError, match="not in --models"):
+        bm.run_benchmark(_spec(synth, tmp_path / "o", models=("pix2pix",), overrides=("pix2pixhd:model.ngf=4",)))
+    assert not (tmp_path / "o" / "runs").exists()  # nothing trained before the inputs were checked
+
+
+def test_cli(synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from derestainer.cli import main
+
+    seen = {}
+
+    def fake_run(spec, log=print):
+        seen["spec"] = spec
+        return {}
+
+    monkeypatch.setattr(bm, "run_benchmark", fake_run)
+    r = CliRunner().invoke(main, ["benchmark", "--data", str(synth), "--models", "derestainer, pix2pix", "--steps", "5",
+                                  "--seeds", "0,1", "--size", "48", "--out", str(tmp_path / "o"), "--set", "train.lr=1e-3"])
+    assert r.exit_code == 0, r.output
+    spec = seen["spec"]
+    assert spec.models == ("derestainer", "pix2pix") and spec.seeds == (0, 1) and spec.size == 48
+    assert spec.overrides == ("train.lr=1e-3",) and spec.steps == 5
+    monkeypatch.undo()
+    r = CliRunner().invoke(main, ["benchmark", "--data", str(tmp_path), "--steps", "1", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "BCI layout" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["benchmark", "--data", str(synth), "--steps", "1", "--seeds", "a", "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "comma-separated integers" in r.output
