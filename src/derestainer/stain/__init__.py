@@ -1,15 +1,5 @@
 """Stain separation: Ruifrok–Johnston colour deconvolution in torch (differentiable) and NumPy."""
 
-from .functional import (
-    hed_to_rgb,
-    model_to_unit,
-    od,
-    project_hed,
-    rgb_to_hed,
-    stain_channel,
-    stain_channels,
-    unit_to_model,
-)
 from .matrices import EPS, HED_FROM_RGB, RGB_FROM_HED, STAINS, stain_index, stain_matrix_from_vectors
 from .numpy_ops import (
     hed_to_rgb_np,
@@ -18,6 +8,21 @@ from .numpy_ops import (
     stain_channel_np,
     stain_concentration_np,
 )
+
+# The torch functions are imported on first use, so that NumPy-only users (metrics worker processes,
+# data generation) do not pay torch's import time.
+_TORCH_FUNCTIONS = (
+    "hed_to_rgb", "model_to_unit", "od", "project_hed", "rgb_to_hed", "stain_channel", "stain_channels", "unit_to_model",
+)
+
+
+def __getattr__(name: str):  # noqa: ANN202 (PEP 562)
+    if name in _TORCH_FUNCTIONS:
+        from . import functional
+
+        return getattr(functional, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "EPS", "HED_FROM_RGB", "RGB_FROM_HED", "STAINS",
