@@ -24,6 +24,9 @@ def test_inheritance_and_ablations() -> None:
     nd = load_config("no_dab")
     assert nd.loss.dab == 0.0 and nd.loss.h == 1.0
     assert {"paper", "tiny", "no_stain", "no_dab"} <= set(preset_names())
+    # pix2pix and BCI's PyramidPix2Pix train with the BCE GAN loss; DeReStainer and pix2pixHD with LSGAN
+    assert load_config("pix2pix").loss.gan_mode == "vanilla" == load_config("pyramidpix2pix").loss.gan_mode
+    assert load_config("paper").loss.gan_mode == "lsgan" == load_config("pix2pixhd").loss.gan_mode
 
 
 def test_overrides_are_typed_and_strict() -> None:

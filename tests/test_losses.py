@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -234,3 +236,23 @@ def test_generator_losses_skips_zero_weights_and_missing_inputs(monkeypatch):
     assert set(terms) == {"ssim", "mae", "total"}
     torch.testing.assert_close(total, 13 * ssim_loss(out.ihc, ihc) + 130 * mae_loss(out.ihc, ihc))
     assert "dab" not in loss.active and "gan" in loss.active
+
+
+def test_vanilla_gan_losses_closed_form() -> None:
+    from derestainer.losses import gan_losses, vanilla_d_loss, vanilla_g_loss
+
+    r = [torch.tensor([[0.0, 2.0]]), torch.tensor([[-1.0]])]
+    f = [torch.tensor([[1.0, -3.0]]), torch.tensor([[0.5]])]
+
+    def softplus(x: float) -> float:
+        return math.log1p(math.exp(x))
+
+    # BCE(x, 1) = softplus(-x); BCE(x, 0) = softplus(x)
+    d0 = 0.5 * ((softplus(-0.0) + softplus(-2.0)) / 2 + (softplus(1.0) + softplus(-3.0)) / 2)
+    d1 = 0.5 * (softplus(1.0) + softplus(0.5))
+    assert vanilla_d_loss(r, f).item() == pytest.approx((d0 + d1) / 2, rel=1e-6)
+    g = ((softplus(-1.0) + softplus(3.0)) / 2 + softplus(-0.5)) / 2
+    assert vanilla_g_loss(f).item() == pytest.approx(g, rel=1e-6)
+    assert gan_losses("vanilla") == (vanilla_d_loss, vanilla_g_loss)
+    with pytest.raises(ValueError, match="gan_mode"):
+        gan_losses("wgan")

@@ -51,6 +51,7 @@ class LossConfig:
     cmp: float = 2.0
     level: float = 5.0
     gan: float = 1.0
+    gan_mode: str = "lsgan"             # lsgan (DeReStainer, pix2pixHD) | vanilla (BCE: pix2pix, BCI's PyramidPix2Pix)
     focal_gamma: float = 2.0
     pyramid: float = 0.0                # Gaussian-pyramid L1 (PyramidPix2Pix); 0 for DeReStainer
     pyramid_levels: int = 4

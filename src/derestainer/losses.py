@@ -184,6 +184,42 @@ def lsgan_g_loss(fake_outputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.T
     return torch.stack([(f - 1).square().mean() for f in fake]).mean()
 
 
+@_fp32
+def vanilla_d_loss(real_outputs: torch.Tensor | Sequence[torch.Tensor], fake_outputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Original GAN (BCE on logits) discriminator loss, ``½(BCE(D(real), 1) + BCE(D(fake), 0))``, mean over scales."""
+    real, fake = _as_list(real_outputs), _as_list(fake_outputs)
+    if len(real) != len(fake) or not real:
+        raise ValueError(f"vanilla_d_loss: {len(real)} real and {len(fake)} fake scales")
+    bce = F.binary_cross_entropy_with_logits
+    return torch.stack(
+        [0.5 * (bce(r, torch.ones_like(r)) + bce(f, torch.zeros_like(f))) for r, f in zip(real, fake)]
+    ).mean()
+
+
+@_fp32
+def vanilla_g_loss(fake_outputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Original GAN generator loss (non-saturating), ``BCE(D(fake), 1)``, mean over scales."""
+    fake = _as_list(fake_outputs)
+    if not fake:
+        raise ValueError("vanilla_g_loss: no discriminator outputs")
+    return torch.stack([F.binary_cross_entropy_with_logits(f, torch.ones_like(f)) for f in fake]).mean()
+
+
+#: GAN objectives by ``LossConfig.gan_mode``: (discriminator loss, generator loss).
+GAN_LOSSES: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {
+    "lsgan": (lsgan_d_loss, lsgan_g_loss),
+    "vanilla": (vanilla_d_loss, vanilla_g_loss),
+}
+
+
+def gan_losses(mode: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """``(d_loss, g_loss)`` for ``mode`` ('lsgan' — DeReStainer, pix2pixHD — or 'vanilla' — pix2pix, BCI's PyramidPix2Pix)."""
+    try:
+        return GAN_LOSSES[mode]
+    except KeyError:
+        raise ValueError(f"unknown loss.gan_mode {mode!r}; choose one of {sorted(GAN_LOSSES)}") from None
+
+
 #: PyramidPix2Pix's blur: kornia ``gaussian_blur2d(x, (3, 3), (1, 1))`` with reflection padding.
 _PYR_TAPS = 3
 _PYR_SIGMA = 1.0
@@ -292,7 +328,7 @@ def generator_losses(
         if cmp_feats_fake is not None and cmp_feats_real is not None else None,
         "level": (lambda: focal_loss(out.level_logits, level, gamma=cfg.focal_gamma))  # type: ignore[arg-type]
         if out.level_logits is not None and level is not None else None,
-        "gan": (lambda: lsgan_g_loss(d_fake_outputs)) if d_fake_outputs is not None else None,  # type: ignore[arg-type]
+        "gan": (lambda: gan_losses(cfg.gan_mode)[1](d_fake_outputs)) if d_fake_outputs is not None else None,  # type: ignore[arg-type]
         "pyramid": lambda: pyramid_l1_loss(fake, ihc, cfg.pyramid_levels),
         "l1": lambda: mae_loss(fake, ihc),
     }

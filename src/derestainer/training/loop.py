@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import Config, dump_yaml, to_dict
 from ..io import write_image, write_text
-from ..losses import active_terms, generator_losses, lsgan_d_loss
+from ..losses import active_terms, gan_losses, generator_losses
 from .checkpoint import CheckpointError, save_generator
 from .distributed import (
     DistEnv,
@@ -482,7 +482,7 @@ class Trainer:
                     with self._autocast():
                         d_real = D(he, ihc)
                         d_fake = D(he, out.ihc.detach())
-                    d_loss = lsgan_d_loss(d_real, d_fake)
+                    d_loss = gan_losses(self.cfg.loss.gan_mode)[0](d_real, d_fake)
                     (d_loss / n).backward()
                     bad = bad | ~torch.isfinite(d_loss)
                     sums["d"] = sums.get("d", 0) + d_loss.detach()
