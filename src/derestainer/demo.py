@@ -71,10 +71,16 @@ def run_demo(spec: DemoSpec, log: Callable[[str], None] = print) -> dict[str, An
 
     log(f"[3/4] classifiers, then [4/4] the tiny DeReStainer ({spec.steps} steps at {spec.train_size} px), "
         "translation of the test split and evaluation")
+    # SynthBCI draws about 1 µm per pixel (at zoom 1); the model sees it resized to train_size, and
+    # the exported model must carry that physical resolution so that whole slides are resampled right.
+    from .data.synth import SynthParams
+
+    mpp = round(SynthParams().zoom ** -1 * spec.image_size / spec.train_size, 4)
     bench = BenchmarkSpec(
         data=data, models=("derestainer",), steps=spec.steps, out=out / "run", size=spec.train_size,
         seeds=(spec.seed,), base_config="tiny", classifier_arch=spec.classifier_arch,
         classifier_steps=spec.classifier_steps, classifier_size=spec.train_size, device=spec.device,
+        overrides=(f"data.mpp={mpp}",),
     )
     results = run_benchmark(bench, log=lambda m: log(f"      {m}"))
     metrics = results["runs"][0].get("metrics", {})
