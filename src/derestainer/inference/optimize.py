@@ -29,13 +29,14 @@ so do not train or export it; keep the original model for that.
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
+import itertools
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..layers.modulated_conv import ModulatedConv2d
@@ -134,7 +135,7 @@ def fold_batchnorm(module: nn.Module) -> int:
     folded = 0
     for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
+        for a, b in itertools.pairwise(names):
             conv, bn = seq._modules[a], seq._modules[b]
             if conv is None or bn is None or not _foldable(conv, bn):
                 continue
@@ -281,9 +282,9 @@ class InferenceModel(nn.Module):
         return contextlib.nullcontext()
 
     def forward(self, he: torch.Tensor, ihc: torch.Tensor | None = None) -> GenOutput:
-        if ihc is not None and self.options.skip_unused:
-            raise ValueError("this InferenceModel skips f_H (skip_unused=True): it translates H&E only; "
-                             "call it without ihc, or build it with skip_unused=False")
+        if ihc is not None and self.report.get("skipped"):
+            raise ValueError(f"this InferenceModel skips {', '.join(self.report['skipped'])} (skip_unused=True): "
+                             "it translates H&E only; call it without ihc, or build it with skip_unused=False")
         with self._grad_mode(), self._autocast(he.device.type):
             if self.options.channels_last:
                 he = he.contiguous(memory_format=torch.channels_last)

@@ -8,6 +8,9 @@ channel. Written after stylegan3's ``modulated_conv2d``: a pure function with tw
 - unfused: scale the input by ``s + 1``, run one shared convolution, scale the output by the
   demodulation coefficients. Same result (the modulation is linear in the input and the
   demodulation is a per-output-channel constant), different speed profile: no per-sample weights.
+- ``fused="auto"``: :func:`prefer_fused` picks one by a fixed rule on the device and batch size
+  (deterministic: the same input always takes the same path; docs/performance.md has the
+  measurements behind the rule).
 """
 
 from __future__ import annotations
@@ -28,8 +31,38 @@ def demodulation_coefficients(weight: torch.Tensor, styles: torch.Tensor, eps: f
     Returns:
         ``[N, Cout]``.
     """
-    w = weight.unsqueeze(0) * (styles + 1.0)[:, None, :, None, None]  # [N, Cout, Cin, k, k]
-    return (w.square().sum(dim=(2, 3, 4)) + eps).rsqrt()
+    # Σ_{i,k,l} (W[o,i,k,l]·m[n,i])² = Σ_i m[n,i]² · Σ_{k,l} W[o,i,k,l]²: the same sum without
+    # building the [N, Cout, Cin, k, k] per-sample weights (N·Cout·Cin·k² elements, megabytes at
+    # paper width) only to reduce them. A broadcast product, not a matmul, so that autocast never
+    # turns it into bf16.
+    w2 = weight.square().sum(dim=(2, 3))  # [Cout, Cin]
+    m2 = (styles + 1.0).square()  # [N, Cin]
+    return ((m2[:, None, :] * w2[None]).sum(dim=2) + eps).rsqrt()
+
+
+#: Batch sizes from which the unfused form is used on CUDA by :func:`prefer_fused` (see there).
+CUDA_UNFUSED_MIN_BATCH = 2
+
+
+def prefer_fused(x: torch.Tensor) -> bool:
+    """The rule behind ``fused="auto"``: whether the grouped form is the faster one for input ``x``.
+
+    - CPU: never. With channels_last (the fast path's layout) the unfused form was faster at
+      every shape and batch size measured, batch 1 included; in NCHW the two tie for 64 channels
+      and unfused wins for 512. The fused form also builds ``[N·Cout, Cin, k, k]`` weights per call.
+    - CUDA (and other accelerators): fused for a single sample (one convolution, no extra
+      scaling passes), unfused from ``CUDA_UNFUSED_MIN_BATCH`` samples on: StyleGAN2-ADA's choice
+      for reduced precision, the fast path's default on CUDA (not yet measured here; see
+      docs/performance.md).
+
+    A fixed rule rather than a micro-benchmark, so that results never depend on timing noise.
+
+    Args:
+        x: the input ``[N, Cin, H, W]``.
+    """
+    if x.device.type == "cpu":
+        return False
+    return int(x.shape[0]) < CUDA_UNFUSED_MIN_BATCH
 
 
 def modulated_conv2d(
@@ -40,7 +73,7 @@ def modulated_conv2d(
     eps: float = 1e-8,
     padding: int = 0,
     padding_mode: str = "zeros",
-    fused: bool = True,
+    fused: bool | str = True,
 ) -> torch.Tensor:
     """Modulated (and optionally demodulated) 2-d convolution, stride 1, no bias.
 
@@ -53,8 +86,9 @@ def modulated_conv2d(
         eps: added under the square root of the demodulation.
         padding: spatial padding on each side.
         padding_mode: ``zeros`` | ``reflect`` | ``replicate`` | ``circular``.
-        fused: one grouped convolution with per-sample weights (True) or the unfused
-            scale–conv–scale path (False); both give the same result.
+        fused: one grouped convolution with per-sample weights (True), the unfused
+            scale–conv–scale path (False), or ``"auto"`` (:func:`prefer_fused`); all give the
+            same result up to rounding.
     Returns:
         ``[N, Cout, H + 2·padding − k + 1, W + 2·padding − k + 1]``.
     """
@@ -71,6 +105,10 @@ def modulated_conv2d(
         )
     if padding_mode not in _PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+    if isinstance(fused, str):
+        if fused != "auto":
+            raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
+        fused = prefer_fused(x)
     if padding and padding_mode != "zeros":
         x = F.pad(x, [padding] * 4, mode=padding_mode)
         padding = 0
@@ -103,8 +141,8 @@ class ModulatedConv2d(nn.Module):
         demodulate: StyleGAN2 weight demodulation.
         bias: add a learnt per-output-channel bias after the convolution.
         padding_mode: ``reflect`` (default, as CycleGAN's ResNet blocks) or ``zeros`` etc.
-        fused: grouped-convolution path (True) or the unfused path (False); a plain attribute,
-            ``layer.fused``, that may be switched at any time.
+        fused: grouped-convolution path (True), the unfused path (False) or ``"auto"``
+            (:func:`prefer_fused`); a plain attribute, ``layer.fused``, that may be switched at any time.
         eps: demodulation epsilon.
     Shapes:
         ``forward(x [N, Cin, H, W], style [N, style_dim]) -> [N, Cout, H, W]``.
@@ -119,7 +157,7 @@ class ModulatedConv2d(nn.Module):
         demodulate: bool = True,
         bias: bool = True,
         padding_mode: str = "reflect",
-        fused: bool = True,
+        fused: bool | str = True,
         eps: float = 1e-8,
     ) -> None:
         super().__init__()
@@ -132,6 +170,8 @@ class ModulatedConv2d(nn.Module):
         self.kernel_size = kernel_size
         self.demodulate = demodulate
         self.padding_mode = padding_mode
+        if fused not in (True, False, "auto"):
+            raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
         self.fused = fused
         self.eps = eps
         # nn.Conv2d's default initialisation: demodulation makes the forward pass scale-free, but
