@@ -14,5 +14,9 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
+# On a machine with a CUDA GPU: tests on CUDA, then train/infer benchmarks (JSON into $$OUT or ./gpu_out).
+gpu-check: install
+	bash scripts/gpu_check.sh
+
 clean:
 	rm -rf $(DEMO_OUT) build .pytest_cache

@@ -304,3 +304,33 @@ def test_real_derestainer_model_translates(tmp_path: Path, rng: np.random.Genera
     assert lm.multiple == 2 ** cfg.model.n_down
     out, probs = translate_array(lm, [rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)], tta=True)
     assert out[0].shape == (30, 45, 3) and probs.shape == (1, cfg.model.n_levels)
+
+
+def test_fast_path_is_the_default_and_agrees_with_the_plain_model(tmp_path: Path, rng: np.random.Generator) -> None:
+    """load_model's fast path (BN folded, channels_last) gives the plain model's translation in fp32,
+    and stays within 2 grey levels in bf16."""
+    from derestainer.inference.optimize import InferenceModel
+    from derestainer.models.registry import create_generator
+
+    cfg = load_config("tiny")
+    torch.manual_seed(1)
+    g = create_generator(cfg.model)
+    g.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so that folding has something to fold
+        for _ in range(3):
+            g(torch.rand(4, 3, 64, 64) * 2 - 1)
+    f = save_generator(tmp_path / "g.safetensors", g.eval(), cfg)
+    imgs = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    plain = load_model(f, "cpu", fast=False)
+    assert not isinstance(plain.model, InferenceModel)
+    fast = load_model(f, "cpu", precision="fp32")
+    assert isinstance(fast.model, InferenceModel)
+    ref, p_ref = translate_array(plain, imgs, precision="fp32")
+    out, p_out = translate_array(fast, imgs, precision="fp32")
+    for a, b in zip(ref, out):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert np.allclose(p_ref, p_out, atol=1e-4)
+    bf = load_model(f, "cpu", precision="bf16")
+    out16, _ = translate_array(bf, imgs, precision="bf16")
+    for a, b in zip(ref, out16):
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 2

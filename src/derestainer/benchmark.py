@@ -320,12 +320,13 @@ def _translate(generator: Path, he_dir: Path, out_dir: Path, batch_size: int, de
     from .inference.patches import collect_inputs, load_model, translate_files
     from .io import read_image
 
-    lm = load_model(generator, device=device)
+    # fp32 so that the benchmark's numbers do not depend on whether this CPU has native bf16.
+    lm = load_model(generator, device=device, precision="fp32")
     jobs = collect_inputs([he_dir], recursive=False)
     width = read_image(jobs[0].src).shape[1]
     # model px per input px = size / width  ⇔  input µm/px = model µm/px · size / width
     input_mpp = lm.mpp * lm.size / width
-    translate_files(lm, jobs, out_dir, batch_size=batch_size, input_mpp=input_mpp)
+    translate_files(lm, jobs, out_dir, batch_size=batch_size, input_mpp=input_mpp, precision="fp32")
 
 
 def _evaluate(

@@ -24,9 +24,13 @@ from .common import fail
               help="Microns per pixel of the inputs: resize to the model's training resolution and back. "
                    "Default: inputs are taken to be at the training resolution.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto = bf16 autocast on CUDA, fp32 elsewhere.")
+              help="auto = bf16 on CUDA and on CPUs with native bf16 (outputs within ±2 grey levels of fp32), "
+                   "else fp32.")
+@click.option("--fast/--plain", default=True, show_default=True,
+              help="Fast path: BatchNorm folded into convolutions, channels_last, inference mode "
+                   "(docs/performance.md); --plain runs the model as trained.")
 def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_size: int, device: str, tta: bool,
-              recursive: bool, input_mpp: float | None, precision: str) -> None:
+              recursive: bool, input_mpp: float | None, precision: str, fast: bool) -> None:
     """Translate INPUTS (images and/or folders) into virtual IHC PNGs of the same size in --out.
 
     Also writes OUT/predictions.csv and OUT/predictions.json: the predicted HER2 level and the
@@ -43,7 +47,7 @@ def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_s
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
     try:
-        lm = load_model(checkpoint, device)
+        lm = load_model(checkpoint, device, fast=fast, precision=precision)
     except (CheckpointError, RuntimeError) as exc:
         raise fail(str(exc)) from None
     with tqdm(total=len(jobs), unit="img", desc="translate") as bar:

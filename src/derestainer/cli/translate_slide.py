@@ -38,14 +38,18 @@ from .common import fail
               help="Slide level = highest k with more than this fraction of tissue tiles at level ≥ k.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto = bf16 autocast on CUDA, fp32 elsewhere.")
+              help="auto = bf16 on CUDA and on CPUs with native bf16 (outputs within ±2 grey levels of fp32), "
+                   "else fp32.")
+@click.option("--fast/--plain", default=True, show_default=True,
+              help="Fast path: BatchNorm folded into convolutions, channels_last, inference mode "
+                   "(docs/performance.md); --plain runs the model as trained.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Tile-reading threads.")
 @click.option("--recursive", is_flag=True, help="Search folder inputs recursively for slides.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def translate_slide(slides: tuple[Path, ...], checkpoint: Path, out: Path, slide_mpp: float | None, tile: int,
                     overlap: int, margin: int, batch_size: int, compression: str, quality: int, layout: str,
                     resume: bool, keep_work: bool, all_tiles: bool, min_tissue: float, level_threshold: float,
-                    device: str, precision: str, workers: int, recursive: bool, quiet: bool) -> None:
+                    device: str, precision: str, fast: bool, workers: int, recursive: bool, quiet: bool) -> None:
     """Translate SLIDES (files or folders: SVS, NDPI, MRXS, TIFF, OME-TIFF, PNG, …) into virtual IHC.
 
     Output per slide: NAME.ome.tiff (tiled, pyramidal, at the model's training µm/px, with the
@@ -74,7 +78,7 @@ def translate_slide(slides: tuple[Path, ...], checkpoint: Path, out: Path, slide
     rank, world = dist_rank_world()
     mine = shard(list(zip(paths, outs)), rank, world)
     try:
-        lm = load_model(checkpoint, device)
+        lm = load_model(checkpoint, device, fast=fast, precision=precision)
     except (CheckpointError, RuntimeError) as exc:
         raise fail(str(exc)) from None
     opts = SlideOptions(tile=tile, overlap=overlap, margin=margin, batch_size=batch_size, compression=compression,

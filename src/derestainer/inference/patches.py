@@ -121,9 +121,21 @@ def size_multiple(model: torch.nn.Module, cfg: Any) -> int:
     return int(m) if m else 2 ** int(cfg.model.n_down)
 
 
-def load_model(checkpoint: str | os.PathLike[str], device: str | torch.device = "auto") -> LoadedModel:
+def load_model(
+    checkpoint: str | os.PathLike[str],
+    device: str | torch.device = "auto",
+    *,
+    fast: bool = True,
+    precision: str = "auto",
+) -> LoadedModel:
     """Load a generator for inference from a model file, checkpoint folder or run folder.
 
+    Args:
+        fast: run it through :func:`derestainer.inference.optimize.optimize_for_inference`
+            (BatchNorm folded into convolutions, channels_last, the faster modulated-convolution form,
+            inference mode); outputs equal the plain model's to float rounding.
+        precision: ``auto`` (bf16 on CUDA and on CPUs with native bf16, else fp32), ``fp32`` or ``bf16``;
+            only used with ``fast`` (the plain model runs in fp32 unless ``predict`` is told otherwise).
     Raises:
         CheckpointError: missing, corrupt, or not a generator (e.g. a classifier file).
     """
@@ -132,6 +144,10 @@ def load_model(checkpoint: str | os.PathLike[str], device: str | torch.device = 
     dev = device if isinstance(device, torch.device) else pick_device(device)
     path = resolve_checkpoint(checkpoint)
     model, cfg, meta = load_generator(path, device=dev)
+    if fast:
+        from .optimize import optimize_for_inference
+
+        model = optimize_for_inference(model, dev, precision=precision, copy_model=False)
     n = int(cfg.model.n_levels)
     names = LEVEL_NAMES_4 if n == 4 else tuple(str(k) for k in range(n))
     mpp = float(meta.get("mpp", cfg.data.mpp))

@@ -54,7 +54,7 @@ class DeReStainer(nn.Module):
         stop_ihc_grad: compute the IHC branch of L_H without gradients (paper: gradients flow).
         demodulate: StyleGAN2 weight demodulation in the fusion blocks.
         rgb_from_hed: 3×3 stain matrix (default Ruifrok), stored as a buffer with the weights.
-        fused_modconv: grouped (True) or unfused modulated convolutions; see :meth:`set_fused_modconv`.
+        fused_modconv: grouped (True), unfused (False) or "auto" (the faster form for the input at hand, layers.modulated_conv.prefer_fused); see :meth:`set_fused_modconv`.
 
     ``forward(he, ihc=None) -> GenOutput``: ``he``/``ihc`` ``[N, 3, H, W]`` in ``[-1, 1]``, ``H`` and ``W``
     divisible by ``2^n_down`` and at least ``2^(n_down+1)``.
@@ -74,7 +74,7 @@ class DeReStainer(nn.Module):
         stop_ihc_grad: bool = False,
         demodulate: bool = True,
         rgb_from_hed: np.ndarray | torch.Tensor | None = None,
-        fused_modconv: bool = True,
+        fused_modconv: bool | str = "auto",
     ) -> None:
         super().__init__()
         if norm not in GENERATOR_NORMS:
@@ -98,7 +98,7 @@ class DeReStainer(nn.Module):
         """Input height and width must be multiples of this."""
         return 2**self.n_down
 
-    def set_fused_modconv(self, fused: bool) -> None:
+    def set_fused_modconv(self, fused: bool | str) -> None:
         """Switch the fusion blocks between grouped and unfused modulated convolutions (same results)."""
         self.fusion.set_fused(fused)
 
