@@ -18,10 +18,34 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import separate
+    from . import (
+        bench,
+        benchmark,
+        demo,
+        evaluate,
+        export,
+        separate,
+        synth,
+        train,
+        train_classifier,
+        translate,
+        translate_slide,
+    )
 
-    main.add_command(separate.separate)
-    # (sub-commands are added below, one line each)
+    for command in (
+        demo.demo,
+        synth.synth,
+        separate.separate,
+        train_classifier.train_classifier,
+        train.train,
+        export.export,
+        translate.translate,
+        translate_slide.translate_slide,
+        evaluate.evaluate,
+        benchmark.benchmark,
+        bench.bench,
+    ):
+        main.add_command(command)
 
 
 _register()

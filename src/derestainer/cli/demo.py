@@ -9,7 +9,7 @@ import click
 from .common import fail
 
 
-@click.command(short_help="Run the whole pipeline on synthetic data (a few CPU minutes).")
+@click.command(short_help="Run the whole pipeline on synthetic data (CPU minutes).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True)
 @click.option("--train", "n_train", type=int, default=400, show_default=True, help="Synthetic training pairs.")
 @click.option("--test", "n_test", type=int, default=80, show_default=True, help="Synthetic test pairs.")

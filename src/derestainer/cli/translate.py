@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import fail
+from .common import fail, inference_options
 
 
 @click.command(short_help="Translate H&E images or folders into virtual IHC.")
@@ -23,12 +23,7 @@ from .common import fail
 @click.option("--mpp", "input_mpp", type=float, default=None,
               help="Microns per pixel of the inputs: resize to the model's training resolution and back. "
                    "Default: inputs are taken to be at the training resolution.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto = bf16 on CUDA and on CPUs with native bf16 (outputs within ±2 grey levels of fp32), "
-                   "else fp32.")
-@click.option("--fast/--plain", default=True, show_default=True,
-              help="Fast path: BatchNorm folded into convolutions, channels_last, inference mode "
-                   "(docs/performance.md); --plain runs the model as trained.")
+@inference_options
 def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_size: int, device: str, tta: bool,
               recursive: bool, input_mpp: float | None, precision: str, fast: bool) -> None:
     """Translate INPUTS (images and/or folders) into virtual IHC PNGs of the same size in --out.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import fail
+from .common import fail, inference_options
 
 
 @click.command("translate-slide", short_help="Translate whole slides into pyramidal OME-TIFFs.")
@@ -37,12 +37,7 @@ from .common import fail
 @click.option("--level-threshold", default=0.10, show_default=True, type=click.FloatRange(0, 1),
               help="Slide level = highest k with more than this fraction of tissue tiles at level ≥ k.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto = bf16 on CUDA and on CPUs with native bf16 (outputs within ±2 grey levels of fp32), "
-                   "else fp32.")
-@click.option("--fast/--plain", default=True, show_default=True,
-              help="Fast path: BatchNorm folded into convolutions, channels_last, inference mode "
-                   "(docs/performance.md); --plain runs the model as trained.")
+@inference_options
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Tile-reading threads.")
 @click.option("--recursive", is_flag=True, help="Search folder inputs recursively for slides.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
