@@ -293,3 +293,13 @@ def test_colours_near_real_images(real_data: Path) -> None:
     ihc3 = [render_pair((78, i), 3, 128)[1] for i in range(8)]
     assert C.delta_e(C.summarise(ihc3, "dab+")["lab"], C.summarise(real_ihc, "dab+")["lab"]) < 6.0
     assert C.delta_e(C.summarise((p[1] for p in pairs), "dab-")["lab"], C.summarise(real_ihc, "dab-")["lab"]) < 6.0
+
+
+def test_generator_does_not_import_torch() -> None:
+    """SynthBCI runs in worker processes: it must not pay torch's import time."""
+    import subprocess
+    import sys
+
+    code = "import sys, derestainer.data.synth; assert 'torch' not in sys.modules, 'torch was imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
