@@ -540,8 +540,8 @@ def _bench_train(spec: BenchSpec, cfg: Any, device: torch.device, log: Callable[
             torch.manual_seed(spec.seed)
             with _quiet("derestainer.train"):  # its warnings (no comparator, no validation) become notes
                 tr = Trainer(tcfg)
-            if path == "optimized" and hasattr(tr.generator, "set_fused_modconv"):
-                tr.generator.set_fused_modconv("auto")
+            if hasattr(tr.generator, "set_fused_modconv"):  # eager: the grouped form, whatever the default
+                tr.generator.set_fused_modconv("auto" if path == "optimized" else True)
             trainers[path] = tr
             options[path] = {"amp": str(tr.amp_dtype).replace("torch.", "") if tr.amp_dtype else "off",
                              "channels_last": bool(tr.channels_last),

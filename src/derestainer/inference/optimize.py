@@ -88,7 +88,7 @@ class FastPathOptions:
 
 #: Every step off: the plain eager fp32 model (what ``--compare`` measures the fast path against).
 EAGER = FastPathOptions(fold_bn=False, channels_last=False, inference_mode=False, inplace=False,
-                        modconv="keep", skip_unused=False, precision="fp32", compile=False)
+                        modconv="fused", skip_unused=False, precision="fp32", compile=False)
 
 
 def default_precision(device: torch.device | str) -> str:
