@@ -15,6 +15,7 @@ from derestainer.cli import main
 from derestainer.data import synth_layers as L
 from derestainer.data.synth import (
     SynthParams,
+    dataset_files,
     generate_dataset,
     pair_level,
     pair_name,
@@ -119,7 +120,11 @@ def test_pair_names_and_levels_are_stable() -> None:
     assert pair_name("train", 12, 2) == "00012_train_2+.png"
     assert pair_name("test", 0, 0) == "00000_test_0.png"
     # A pair's level and seed depend on (seed, split, index) only, not on the dataset size.
-    assert [pair_level(5, "train", i) for i in range(8)] == [pair_level(5, "train", i) for i in range(8)]
+    small = [level for *_, level in dataset_files(8, 0, 5)]
+    large = [level for *_, level in dataset_files(20, 0, 5)]
+    assert small == large[:8]
+    # every block of four indices holds each level once (balanced classes)
+    assert all(sorted(large[i:i + 4]) == [0, 1, 2, 3] for i in range(0, 20, 4))
     assert pair_seed(5, "train", 3) != pair_seed(5, "test", 3)
 
 
@@ -233,6 +238,19 @@ def test_membrane_arcs_cover_the_asked_fraction() -> None:
     assert full.sum() == border.sum()
     assert 0.4 < half.sum() / border.sum() < 0.6
     assert none.sum() <= 16  # at most a pixel exactly on each arc centre
+
+
+@pytest.mark.parametrize("completeness", [0.1, 0.25, 0.5, 0.8])
+def test_membrane_arc_fraction_is_the_completeness_on_a_round_cell(completeness: float) -> None:
+    # One disk-shaped cell: its border pixels are spread evenly in angle, so the stained fraction
+    # must equal the completeness for any arc direction (0, ½ and 1 alone would not tell a
+    # cos ≥ 1 − 2c rule, which covers arccos(1 − 2c)/π, from the right one).
+    yy, xx = np.mgrid[:121, :121]
+    cell = np.where((yy - 60) ** 2 + (xx - 60) ** 2 <= 50**2, 0, -1)
+    border = L.cell_borders(cell, np.ones(cell.shape, bool)) & (cell >= 0)
+    for angle in np.linspace(0.0, 2 * np.pi, 5)[:-1]:
+        arc = L.membrane_arcs(cell, border, np.array([[60.0, 60.0]]), np.array([completeness]), np.array([angle]))
+        assert abs(arc.sum() / border.sum() - completeness) < 0.03, angle
 
 
 def test_beer_lambert_matches_the_closed_form() -> None:

@@ -38,7 +38,7 @@ from ..stain.matrices import stain_matrix_from_vectors
 from . import synth_layers as L
 
 SPLITS: tuple[str, ...] = ("train", "test")
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: membrane arcs cover exactly the asked fraction of the circumference
 
 
 # --------------------------------------------------------------------------------------------

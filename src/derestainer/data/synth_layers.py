@@ -312,7 +312,8 @@ def membrane_arcs(
     iy, ix = np.nonzero(border & (cell >= 0))  # the angles are needed on the border only
     k = cell[iy, ix]
     phi = np.arctan2(iy - centre[k, 0], ix - centre[k, 1])
-    out[iy, ix] = np.cos(phi - arc_angle[k]) >= 1.0 - 2.0 * completeness[k]
+    # Inside the arc ⇔ angular distance to its centre ≤ π·completeness ⇔ cos(Δφ) ≥ cos(π·completeness).
+    out[iy, ix] = np.cos(phi - arc_angle[k]) >= np.cos(np.pi * completeness[k])
     return out
 
 
