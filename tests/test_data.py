@@ -422,3 +422,23 @@ def test_no_warnings_on_normal_use(tmp_path: Path, rng: np.random.Generator) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         BCIDataset(tmp_path, "train", transform=PairedTransform(16))[0]
+
+
+def test_cached_pairs_are_not_changed_by_callers(tmp_path) -> None:
+    """A caller writing into an item must not corrupt the cache for later epochs."""
+    import numpy as np
+
+    from derestainer.data import BCIDataset
+    from derestainer.io import write_image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for kind in ("HE", "IHC"):
+            write_image(tmp_path / kind / split / f"00000_{split}_2+.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    ds = BCIDataset(tmp_path, "train", cache=True)
+    first = ds[0]
+    ref = first["he"].clone()
+    first["he"].zero_()
+    first["ihc"].zero_()
+    again = ds[0]
+    assert torch.equal(again["he"], ref) and again["ihc"].any()

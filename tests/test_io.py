@@ -82,8 +82,9 @@ def test_atomic_outputs_get_normal_permissions(tmp_path) -> None:
     import os
     import stat
 
-    from derestainer import io as dio
-
-    write_json(tmp_path / "p.json", {})
-    assert stat.S_IMODE((tmp_path / "p.json").stat().st_mode) == 0o666 & ~dio._UMASK
-    assert dio._UMASK == os.umask(dio._UMASK)
+    mask = os.umask(0o027)
+    try:
+        write_json(tmp_path / "p.json", {})
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "p.json").stat().st_mode) == 0o640

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,11 +83,18 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     sfx = final.suffix if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{sfx}", dir=final.parent)
+    # Not tempfile.mkstemp: it creates mode 0600. O_EXCL with mode 0666 lets the kernel apply the
+    # umask, so the final file gets the permissions any newly created file would get.
+    for _ in range(100):
+        tmp_path = final.parent / f".{final.name}.{secrets.token_hex(6)}.tmp{sfx}"
+        try:
+            fd = os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"{final.parent}: could not create a temporary file for {final.name}")
     os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp creates 0600; give the final file the permissions any newly created file would get.
-    os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -97,16 +104,6 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# Read once at import: os.umask can only be read by setting it, which is not thread-safe.
-_UMASK = _read_umask()
 
 
 def write_image(path: str | os.PathLike[str], image: np.ndarray, quality: int = 95) -> Path:

@@ -131,6 +131,7 @@ def ssim(
     return s.mean(dim=(1, 2, 3))
 
 
+@_fp32
 def ssim_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """``L_ssim = 1 − SSIM`` (Gaussian window 11, σ 1.5) of the images mapped to ``[0, 1]``, mean over the batch.
 

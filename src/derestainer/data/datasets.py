@@ -247,6 +247,10 @@ class PairedImageDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} pairs")
         he, ihc = self._prepared(index)
+        if self.cache:
+            # Transforms may return their input unchanged: hand out copies, so that a caller writing
+            # into a batch cannot corrupt the cached pair for later epochs.
+            he, ihc = he.clone(), ihc.clone()
         if isinstance(self.transform, PairedTransform):
             he, ihc = self.transform.augment(he, ihc)
         elif self.transform is not None:

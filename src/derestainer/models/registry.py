@@ -39,8 +39,4 @@ def create_generator(model_cfg: Any) -> nn.Module:
 
 def _import_builtin() -> None:
     # Importing the modules runs their @register_generator decorators.
-    from . import generator  # noqa: F401
-    try:
-        from . import baselines  # noqa: F401
-    except ImportError:  # baselines are optional while they are being built
-        pass
+    from . import baselines, generator  # noqa: F401

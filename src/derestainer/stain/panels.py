@@ -37,6 +37,8 @@ def separate_image(
 
     Returns the written paths. ``matrix='macenko'`` estimates H and the second stain per image.
     """
+    if matrix not in ("ruifrok", "macenko"):
+        raise ValueError(f"unknown stain matrix {matrix!r}; choose 'ruifrok' or 'macenko'")
     out = Path(out_dir)
     if second == "auto":
         second = choose_second_stain(rgb)
@@ -61,8 +63,10 @@ def save_panel(path: Path, rgb: np.ndarray, h: np.ndarray, other: np.ndarray, ot
         ax.imshow(img)
         ax.set_title(title, fontsize=10)
         ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path
