@@ -83,7 +83,7 @@ def test_summarize_and_table() -> None:
         {"model": "a", "seed": 0, "metrics": {"ssim": 0.5, "psnr": 20.0, "fid": 3.0, "note": "x"}},
         {"model": "a", "seed": 1, "metrics": {"ssim": 0.6, "psnr": 22.0, "fid": 1.0}},
         {"model": "b", "seed": 0, "metrics": {"ssim": 0.7, "psnr": 18.0}},
-        {"model": "b", "seed": 1, "metrics": {"ssim": 0.7, "psnr": 19.0, "fid": 2.0}},
+        {"model": "b", "seed": 1, "metrics": {"ssim": 0.7, "psnr": 19.0, "fid": 1.5}},
     ]
     s = bm.summarize(runs, ["a", "b"])
     assert "note" not in s["a"]
@@ -95,7 +95,8 @@ def test_summarize_and_table() -> None:
     row_a, row_b = lines[2], lines[3]
     assert "0.550 ± 0.071" in row_a and "**21.00 ± 1.41**" in row_a  # higher PSNR is better
     assert "**0.700 ± 0.000**" in row_b
-    assert "**2.00**" in row_b and "2.00 ± 1.41" in row_a  # lower FID is better; one value: no ±
+    # lower FID is better (b 1.5 < a 2.0): b's cell is bold, a's is not; one value: no ±
+    assert "| **1.50** |" in row_b and "| 2.00 ± 1.41 |" in row_a and "**2.00" not in row_a
     assert row_a.endswith("| – |")  # missing metric
 
 
@@ -226,7 +227,8 @@ def test_new_evaluator_reevaluates_without_retraining(
     out = tmp_path / "bench"
     shutil.copytree(real_run[0], out)
     first = real_run[1]
-    _forbid(monkeypatch, "_train_generator", "_train_classifier")
+    # pred/ is complete and the generator unchanged: not translated again either
+    _forbid(monkeypatch, "_train_generator", "_train_classifier", "_translate")
     # another evaluator: the benchmark's comparator (a different classifier) given as --evaluator
     other = out / "classifiers" / "comparator.safetensors"
     res = bm.run_benchmark(_spec(synth, out, models=("pix2pix",), evaluator=other), log=lambda m: None)
@@ -245,7 +247,20 @@ def test_failed_evaluation_does_not_cost_a_retraining(
     (out / "runs" / "pix2pix" / "seed0" / "done.json").unlink()  # as if evaluation had crashed
     assert not (out / "runs" / "pix2pix" / "seed0" / "train" / "checkpoints").exists()  # pruned after training
     _forbid(monkeypatch, "_train_generator", "_train_classifier")
+    # pred/ lacks one image (as if translation had crashed): translated again, once
+    pred = sorted((out / "runs" / "pix2pix" / "seed0" / "pred").glob("*.png"))
+    assert len(pred) == 8
+    pred[0].unlink()
+    calls: list[Path] = []
+    real_translate = bm._translate
+
+    def counting_translate(generator, he_dir, out_dir, *a, **k):
+        calls.append(out_dir)
+        return real_translate(generator, he_dir, out_dir, *a, **k)
+
+    monkeypatch.setattr(bm, "_translate", counting_translate)
     res = bm.run_benchmark(_spec(synth, out, models=("pix2pix",)), log=lambda m: None)
+    assert len(calls) == 1 and pred[0].is_file()
     assert res["runs"][0]["metrics"] == real_run[1]["runs"][1]["metrics"]
 
 
@@ -265,7 +280,7 @@ def test_seeds_give_mean_and_std(synth: Path, tmp_path: Path, monkeypatch: pytes
         for p in he_dir.iterdir():
             shutil.copy(p, out_dir / p.name)
 
-    def fake_eval(pred_dir, gt_dir, evaluator, out_dir, device, workers, log):
+    def fake_eval(pred_dir, gt_dir, evaluator, out_dir, device, workers, log, comparator=None):
         seed = int(pred_dir.parent.name.removeprefix("seed"))
         return {"ssim": 0.5 + 0.1 * seed, "psnr": 20.0, "top1": 0.25}
 
@@ -280,6 +295,72 @@ def test_seeds_give_mean_and_std(synth: Path, tmp_path: Path, monkeypatch: pytes
     assert s["values"] == pytest.approx([0.5, 0.6, 0.7]) and s["std"] == pytest.approx(0.1)
     assert "0.600 ± 0.100" in (tmp_path / "o" / "table.md").read_text()
     assert "comparator" not in res["classifiers"]  # pix2pix-type models need none
+
+
+def _stub_stages(monkeypatch: pytest.MonkeyPatch, evals: list[dict]) -> None:
+    import torch
+
+    from derestainer.models.registry import create_generator
+    from derestainer.training.checkpoint import save_generator
+
+    def fake_train(cfg, run_dir, log):
+        torch.manual_seed(cfg.train.seed)
+        return save_generator(run_dir / "generator.safetensors", create_generator(cfg.model), cfg)
+
+    def fake_translate(generator, he_dir, out_dir, batch_size, device, log):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for p in he_dir.iterdir():
+            shutil.copy(p, out_dir / p.name)
+
+    def fake_eval(pred_dir, gt_dir, evaluator, out_dir, device, workers, log, comparator=None):
+        evals.append({"model": pred_dir.parent.parent.name, "evaluator": evaluator, "comparator": comparator})
+        return {"ssim": 0.5}
+
+    monkeypatch.setattr(bm, "_train_generator", fake_train)
+    monkeypatch.setattr(bm, "_translate", fake_translate)
+    monkeypatch.setattr(bm, "_evaluate", fake_eval)
+
+
+def test_evaluation_gets_the_comparator_for_independence_checks(
+    synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_evaluate = bm._evaluate
+    evals: list[dict] = []
+    _stub_stages(monkeypatch, evals)
+    ev, cmp = tmp_path / "ev.safetensors", tmp_path / "cmp.safetensors"
+    ev.write_bytes(b"evaluator stand-in")
+    cmp.write_bytes(b"comparator stand-in")
+    bm.run_benchmark(_spec(synth, tmp_path / "o", evaluator=ev, comparator=cmp), log=lambda m: None)
+    by_model = {e["model"]: e for e in evals}
+    assert by_model["derestainer"]["comparator"] == cmp  # trained against it: checked for independence
+    assert by_model["pix2pix"]["comparator"] is None  # no comparator in its training
+
+    # _evaluate hands it on to evaluate(), where independence_warnings runs
+    import derestainer.metrics.evaluate as E
+    import derestainer.metrics.report as R
+
+    seen: dict = {}
+
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: seen.update(k) or SimpleNamespace(metrics={"n_images": 1}))
+    monkeypatch.setattr(R, "write_report", lambda *a, **k: None)
+    real_evaluate(tmp_path, tmp_path, ev, tmp_path / "eval", "cpu", 1, lambda m: None, comparator=cmp)
+    assert seen["comparator"] == str(cmp) and seen["classifier"] == str(ev)
+    real_evaluate(tmp_path, tmp_path, ev, tmp_path / "eval", "cpu", 1, lambda m: None)
+    assert seen["comparator"] is None
+
+
+def test_same_evaluator_and_comparator_is_refused(synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid(monkeypatch, "_train_generator", "_translate", "_evaluate", "_train_classifier")
+    ev, cmp = tmp_path / "ev.safetensors", tmp_path / "copy_of_ev.safetensors"
+    ev.write_bytes(b"one classifier")
+    cmp.write_bytes(b"one classifier")  # another file, same bytes
+    with pytest.raises(bm.BenchmarkError, match="same classifier") as err:
+        bm.run_benchmark(_spec(synth, tmp_path / "o", evaluator=ev, comparator=cmp), log=lambda m: None)
+    msg = str(err.value)
+    assert str(ev) in msg and str(cmp) in msg and "another seed" in msg
+    assert not (tmp_path / "o" / "runs").exists()
 
 
 def test_input_validation(synth: Path, tmp_path: Path) -> None:

@@ -30,11 +30,23 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path) -> None:
     gts = sorted((out / "synthbci" / "IHC" / "test").glob("*.png"))
     assert gens, sorted(p.relative_to(out) for p in (out / "run").rglob("*.png"))
     assert {p.name for p in gens} == {p.name for p in gts}
+    gt_by_name = {p.name: p for p in gts}
+    for g in gens:
+        assert read_image(g).shape == read_image(gt_by_name[g.name]).shape, g.name
     # the exported model carries SynthBCI's physical resolution at the training size (1 µm/px × 128/64)
     models = sorted((out / "run").rglob("generator.safetensors"))
     assert models and read_meta(models[0])["mpp"] == 2.0
-    # a second run reuses everything (no retraining): same summary
+    # a second run reuses everything (no retraining): the generator is not rewritten, the benchmark
+    # skips its finished run, same summary
+    mtimes = {p: p.stat().st_mtime_ns for p in models}
     res2 = CliRunner().invoke(main, args)
     assert res2.exit_code == 0, res2.output
-    assert "reusing" in res2.output
+    assert "done before: skipped" in res2.output
+    assert {p: p.stat().st_mtime_ns for p in models} == mtimes
     assert json.loads((out / "demo_summary.json").read_text())["metrics"] == summary["metrics"]
+    # a dataset made with other settings is not silently reused
+    for extra in (["--seed", "1"], ["--test", "9"]):
+        res3 = CliRunner().invoke(main, args + extra)
+        assert res3.exit_code != 0, res3.output
+        assert str(out / "synthbci") in res3.output and "another --out" in res3.output
+    assert {p: p.stat().st_mtime_ns for p in models} == mtimes

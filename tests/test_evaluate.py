@@ -240,6 +240,33 @@ def test_unknown_levels_skip_accuracy_but_keep_fid(tmp_path, rng):
     assert res.metrics["semantic"]["top1"] is not None and [r["level"] for r in res.rows] == list(LEVELS)
 
 
+def test_ground_truths_of_different_sizes_need_a_classifier_size_whatever_the_batching(tmp_path, rng):
+    pred, gt, names = make_folders(tmp_path, rng, n=6)
+    odd = gt / f"{names[4]}.png"
+    write_image(odd, blobs(rng, 48))  # one ground truth of another size
+    for batch_size in (1, 2, 16):  # alone in its batch, with one other pair, all in one batch
+        with pytest.raises(EvaluationError, match="--classifier-size") as err:
+            evaluate(pred, gt, classifier=StubEvaluator(), device="cpu", workers=1, progress=False, batch_size=batch_size)
+        assert str(odd) in str(err.value) and "48x48" in str(err.value)
+    res = evaluate(pred, gt, classifier=StubEvaluator(), classifier_size=16, device="cpu", workers=1, progress=False,
+                   batch_size=2)
+    assert res.metrics["semantic"]["distribution"]["fid"] is not None
+
+
+def test_images_without_level_only_leave_the_per_level_stain_table(tmp_path, rng):
+    pred, gt, names = make_folders(tmp_path, rng, n=8)
+    for d in (pred, gt):
+        for i in (0, 5):
+            (d / f"{names[i]}.png").rename(d / f"img{i}.png")
+    seen: list[str] = []
+    res = evaluate(pred, gt, device="cpu", workers=1, progress=False, log=seen.append)
+    for k, a in res.metrics["stain"].items():
+        if isinstance(a, dict) and "per_level" in a:
+            assert sum(v["n"] for v in a["per_level"].values()) == 6, k
+    assert any("2 of 8" in w and "per-level" in w for w in res.warnings), res.warnings
+    assert any("2 of 8" in w for w in seen)
+
+
 def test_report_files(tmp_path, rng):
     pred, gt, names = make_folders(tmp_path, rng, n=5)
     res = evaluate(pred, gt, classifier=StubEvaluator(), device="cpu", workers=1, progress=False)

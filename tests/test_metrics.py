@@ -283,10 +283,24 @@ def test_kid_equals_brute_force_unbiased_mmd(rng):
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
-    # One subset of the whole set is a permutation of it: MMD² is permutation-invariant.
-    got = F.kid(x, y, n_subsets=1, subset_size=100)
+    # A subset of the whole set is a permutation of it and MMD² is permutation-invariant, so with
+    # both sets no larger than the subset size KID is computed once, with no (fake zero) spread.
+    got = F.kid(x, y, n_subsets=100, subset_size=100)
     assert got["subset_size"] == 9
+    assert got["n_subsets"] == 1 and got["n_subsets_requested"] == 100
+    assert got["std"] is None
     assert got["mean"] == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+
+
+def test_kid_draws_distinct_subsets_when_sets_exceed_subset_size(rng):
+    a, b = rng.normal(size=(40, 4)), rng.normal(size=(40, 4)) + 0.2
+    got = F.kid(a, b, n_subsets=10, subset_size=15)
+    assert got["subset_size"] == 15 and got["n_subsets"] == 10
+    # Distinct subsets give distinct MMD² values, hence a real, positive spread.
+    assert got["std"] is not None and got["std"] > 0
+    # Only one set larger than the subset size still varies across subsets.
+    part = F.kid(a[:15], b, n_subsets=10, subset_size=15)
+    assert part["n_subsets"] == 10 and part["std"] > 0
 
 
 def test_kid_near_zero_for_same_distribution_and_positive_for_shifted(rng):

@@ -331,13 +331,16 @@ def _translate(generator: Path, he_dir: Path, out_dir: Path, batch_size: int, de
 
 def _evaluate(
     pred_dir: Path, gt_dir: Path, evaluator: Path, out_dir: Path, device: str, workers: int | None, log: Callable[[str], None],
+    comparator: Path | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``pred_dir`` against ``gt_dir`` (flat dict, :func:`flatten_metrics`); the full report
-    (metrics.json, metrics.md, per_image.csv, figures) is written to ``out_dir``."""
+    (metrics.json, metrics.md, per_image.csv, figures) is written to ``out_dir``. ``comparator`` (the
+    classifier the generator was trained against, if any) only serves the independence warnings."""
     from .metrics.evaluate import evaluate
     from .metrics.report import write_report
 
-    result = evaluate(pred_dir, gt_dir, classifier=str(evaluator), device=device, workers=workers, progress=False, log=log)
+    result = evaluate(pred_dir, gt_dir, classifier=str(evaluator), comparator=str(comparator) if comparator is not None else None,
+                      device=device, workers=workers, progress=False, log=log)
     write_report(result, out_dir, method=pred_dir.parent.parent.name)
     return flatten_metrics(result.metrics)
 
@@ -444,19 +447,28 @@ def ensure_classifiers(
 
         write_json(info_path, info)
         out[role] = {**info, "path": str(p), "digest": file_digest(p)}
+    if "evaluator" in out and "comparator" in out and out["evaluator"]["digest"] == out["comparator"]["digest"]:
+        raise BenchmarkError(
+            f"the evaluator {out['evaluator']['path']} and the comparator {out['comparator']['path']} are the same "
+            "classifier (identical file contents): the evaluator would score generated images with the very network "
+            "the generator was trained to please. Use an evaluator trained with another seed and/or another subset "
+            "of the training images"
+        )
     return out
 
 
 def run_one(
     spec: BenchmarkSpec, model: str, seed: int, dirs: dict[str, Path], classifiers: dict[str, dict[str, Any]],
-    log: Callable[[str], None],
+    log: Callable[[str], None], data_id: str | None = None,
 ) -> dict[str, Any]:
     """Train, translate and evaluate one (model, seed), or return its finished record (resumable).
 
     A finished record is reused when its training fingerprint (resolved config, data, comparator)
     matches; when only the evaluator changed, or the evaluation failed after training, the saved
-    generator is translated and evaluated again without retraining. A record made with another
-    config is an error (use another ``--out`` or delete the run folder).
+    generator is evaluated again without retraining (and without translating again when ``pred/``
+    already holds every test image from that generator). A record made with another config is an
+    error (use another ``--out`` or delete the run folder). ``data_id``: :func:`data_digest` of
+    ``dirs`` when the caller has it already (computed here otherwise).
     """
     from .io import write_json
 
@@ -469,7 +481,8 @@ def run_one(
     comparator_digest = classifiers["comparator"]["digest"] if cfg.train.comparator else None
     portable = {**cfg_d, "data": {**cfg_d["data"], "root": ""},
                 "train": {**cfg_d["train"], "out": "", "comparator": "", "device": ""}}
-    data_id = data_digest(dirs)
+    if data_id is None:
+        data_id = data_digest(dirs)
     train_fp = _fingerprint({"config": portable, "comparator": comparator_digest, "data": data_id})
     eval_fp = _fingerprint({"evaluator": classifiers["evaluator"]["digest"], "data": data_id})
     marker = run_dir / MARKER
@@ -488,7 +501,8 @@ def run_one(
     trained = json.loads(trained_marker.read_text()) if trained_marker.is_file() else None
     if trained is not None and trained.get("train_fingerprint") != train_fp:
         raise BenchmarkError(stale)
-    if trained is not None and gen_path.is_file():
+    reused_generator = trained is not None and gen_path.is_file()
+    if reused_generator:
         train_s = float(trained["train_seconds"])
     else:
         log(f"[{model} seed {seed}] training {cfg.model.name} for {cfg.train.steps} steps "
@@ -501,11 +515,15 @@ def run_one(
         write_json(trained_marker, {"train_fingerprint": train_fp, "train_seconds": round(train_s, 1)})
     t1 = time.time()
     pred_dir = run_dir / "pred"
-    log(f"[{model} seed {seed}] translating {dirs['he_test']}")
-    _translate(gen_path, dirs["he_test"], pred_dir, cfg.train.batch_size, spec.device, log)
+    # Outputs are written atomically, so a present file is a whole image from this (unchanged) generator.
+    if reused_generator and _pred_complete(dirs["he_test"], pred_dir):
+        log(f"[{model} seed {seed}] {pred_dir} holds every test image: not translating again")
+    else:
+        log(f"[{model} seed {seed}] translating {dirs['he_test']}")
+        _translate(gen_path, dirs["he_test"], pred_dir, cfg.train.batch_size, spec.device, log)
     log(f"[{model} seed {seed}] evaluating")
     metrics = _evaluate(pred_dir, dirs["ihc_test"], Path(classifiers["evaluator"]["path"]), run_dir / "eval", spec.device,
-                        spec.eval_workers, log)
+                        spec.eval_workers, log, comparator=comparator if cfg.train.comparator else None)
     record = {
         "model": model,
         "seed": seed,
@@ -521,6 +539,15 @@ def run_one(
     }
     write_json(marker, record)  # written last, atomically: its presence means the run is complete
     return {**record, "skipped": False}
+
+
+def _pred_complete(he_dir: Path, pred_dir: Path) -> bool:
+    """Whether ``pred_dir`` holds the translation of every image of ``he_dir`` (as :func:`_translate` names them)."""
+    from .inference.patches import collect_inputs
+
+    if not pred_dir.is_dir():
+        return False
+    return all((pred_dir / j.rel).is_file() for j in collect_inputs([he_dir], recursive=False))
 
 
 def run_benchmark(spec: BenchmarkSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -554,12 +581,13 @@ def run_benchmark(spec: BenchmarkSpec, log: Callable[[str], None] = print) -> di
     for m, c in cfgs.items():
         _check_model(m, c)
     spec.out.mkdir(parents=True, exist_ok=True)
-    classifiers = ensure_classifiers(spec, any(needs_comparator(c) for c in cfgs.values()), data_digest(dirs), log)
+    data_id = data_digest(dirs)
+    classifiers = ensure_classifiers(spec, any(needs_comparator(c) for c in cfgs.values()), data_id, log)
 
     runs = []
     for m in spec.models:
         for s in spec.seeds:
-            runs.append(run_one(spec, m, s, dirs, classifiers, log))
+            runs.append(run_one(spec, m, s, dirs, classifiers, log, data_id=data_id))
     summary = summarize(runs, spec.models)
     results = {
         "kind": "derestainer-benchmark",

@@ -49,6 +49,7 @@ def run_demo(spec: DemoSpec, log: Callable[[str], None] = print) -> dict[str, An
     data = out / "synthbci"
     marker = data / "synthbci.json"
     if marker.is_file():
+        _check_reusable(marker, spec)
         log(f"[1/4] SynthBCI: reusing {data}")
     else:
         log(f"[1/4] SynthBCI: {spec.n_train} train + {spec.n_test} test pairs at {spec.image_size} px, seed {spec.seed}")
@@ -98,6 +99,30 @@ def run_demo(spec: DemoSpec, log: Callable[[str], None] = print) -> dict[str, An
         log(f"  {k.replace('_', ' ')}: {summary[k]}")
     log("  " + ", ".join(f"{k} {v:.3f}" for k, v in summary["metrics"].items() if isinstance(v, (int, float))))
     return summary
+
+
+def _check_reusable(marker: Path, spec: DemoSpec) -> None:
+    """Refuse to reuse a SynthBCI folder made with another seed, image size or number of pairs."""
+    import json
+
+    try:
+        made = json.loads(marker.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{marker.parent}: unreadable {marker.name} ({exc}); use another --out or delete that folder") from exc
+    counts = made.get("counts") or {}
+
+    def n(split: str) -> int | None:
+        c = counts.get(split)
+        return sum(int(v) for v in c.values()) if isinstance(c, dict) else None
+
+    have = {"seed": made.get("seed"), "size": made.get("size"), "train": n("train"), "test": n("test")}
+    want = {"seed": spec.seed, "size": spec.image_size, "train": spec.n_train, "test": spec.n_test}
+    diff = [f"{k} {have[k]} (asked for {want[k]})" for k in want if have[k] != want[k]]
+    if diff:
+        raise ValueError(
+            f"{marker.parent} holds a SynthBCI dataset made with other settings: {', '.join(diff)}. "
+            "Use another --out, or delete that folder to generate it again"
+        )
 
 
 def _one_per_level(files: list[Path]) -> dict[int, Path]:

@@ -272,15 +272,32 @@ def _iterate(tasks: list[_Task], workers: int) -> Iterator[dict[str, Any]]:
 
 
 class _Embedder:
-    """Streams ``uint8 [H, W, 3]`` images through the evaluator in batches; keeps logits and features."""
+    """Streams ``uint8 [H, W, 3]`` images through the evaluator in batches; keeps logits and features.
 
-    def __init__(self, model: Any, size: int | None, device: Any, batch_size: int) -> None:
+    With no input ``size`` the images are fed at their own size, which must then be one size for all:
+    ``shape`` (the first ground truth's ``(H, W)``) is required of every ground truth, whatever the
+    batch it falls in, and ``names[i]`` names pair i's ground truth in the error.
+    """
+
+    def __init__(
+        self, model: Any, size: int | None, device: Any, batch_size: int,
+        shape: tuple[int, int] | None = None, names: Sequence[str] | None = None,
+    ) -> None:
         self.model, self.size, self.device, self.batch_size = model, size, device, max(1, int(batch_size))
+        self.shape, self.names = shape, names
         self.pending: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.features: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def add(self, index: int, pred: np.ndarray, gt: np.ndarray) -> None:
+        if self.size is None and self.shape is not None and tuple(gt.shape[:2]) != tuple(self.shape):
+            name = self.names[index] if self.names is not None else f"ground truth #{index}"
+            first = self.names[0] if self.names is not None else "the first ground truth"
+            raise EvaluationError(
+                f"{name}: ground truth is {gt.shape[1]}x{gt.shape[0]} px, but {first} is "
+                f"{self.shape[1]}x{self.shape[0]} px; the evaluator has no input size of its own to resize them to: "
+                "give one (--classifier-size)"
+            )
         self.pending.append((index, pred, gt))
         if len(self.pending) >= self.batch_size:
             self.flush()
@@ -448,7 +465,12 @@ def evaluate(
         model, meta, source = _load_evaluator(classifier, dev)
         size = classifier_size if classifier_size is not None else meta.get("size")
         size = int(size) if size is not None else None
-        embedder = _Embedder(model, size, dev, batch_size)
+        first_shape = None
+        if size is None and pairs:
+            # No input size: the images go in at their own, which must be the first ground truth's for all
+            # (checked per image, so the error does not depend on how the images fall into batches).
+            first_shape = tuple(read_image(pairs[0].gt).shape[:2])
+        embedder = _Embedder(model, size, dev, batch_size, shape=first_shape, names=[str(p.gt) for p in pairs])
         if comparator is not None:
             from ..models.classifier import independence_warnings
             from ..training.checkpoint import CheckpointError, read_meta
@@ -489,11 +511,15 @@ def evaluate(
 
     # Stain agreement
     stain_out: dict[str, Any] = {"thresholds_od10": {"dab": dab_threshold, "h": h_threshold}}
-    lv_known = levels if np.all(levels >= 0) else None
+    # Images without a known level (-1) are left out of the per-level breakdown only (agreement skips them).
+    n_unknown = int((levels < 0).sum())
+    if n_unknown:
+        warn(f"{n_unknown} of {n} image(s) have no known HER2 level: they count in the overall stain agreement "
+             "but are missing from its per-level table")
     for k in stain.STAT_NAMES:
         g = np.array([r[f"{k}_pred"] for r in rows_raw])
         rl = np.array([r[f"{k}_gt"] for r in rows_raw])
-        stain_out[k] = stain.agreement(g, rl, lv_known)
+        stain_out[k] = stain.agreement(g, rl, levels)
     metrics["stain"] = stain_out
 
     # Pairing check

@@ -12,7 +12,8 @@ therefore comparable only between runs that use the same evaluator checkpoint (r
 - **KID** (Bińkowski et al., 2018): the unbiased estimate of the squared maximum mean discrepancy
   with the cubic polynomial kernel ``k(x, y) = (xᵀy / D + 1)³``, averaged over random subsets of
   equal size drawn without replacement (as torch-fidelity and clean-fid do); mean and standard
-  deviation over subsets are reported. Unbiased: its expectation is 0 for equal distributions
+  deviation over subsets are reported (when both sets are no larger than the subset size, the
+  whole sets are compared once and the std is ``None``). Unbiased: its expectation is 0 for equal distributions
   (single subsets may be negative).
 """
 
@@ -93,7 +94,11 @@ def kid(
     """KID between two feature sets: mean and std of the unbiased MMD² over random subsets.
 
     The subset size is ``min(subset_size, N_a, N_b)``; each subset is drawn without replacement.
-    Returns ``{'mean', 'std', 'subset_size', 'n_subsets'}``.
+    When that size equals both set sizes every "subset" would be the whole set reordered (and
+    MMD² is order-invariant), so the estimate is computed once: ``n_subsets`` is then 1 and
+    ``std`` is ``None`` (no spread to report; JSON null). ``std`` is likewise ``None`` whenever
+    only one subset was drawn. Returns ``{'mean', 'std', 'subset_size', 'n_subsets',
+    'n_subsets_requested'}`` with the *effective* subset size and count.
     """
     a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
@@ -101,15 +106,22 @@ def kid(
     m = min(int(subset_size), a.shape[0], b.shape[0])
     if m < 2:
         raise ValueError(f"KID needs at least 2 images in each set, got {a.shape[0]} and {b.shape[0]}")
+    if int(n_subsets) < 1:
+        raise ValueError(f"n_subsets must be >= 1, got {n_subsets}")
+    whole = m == a.shape[0] and m == b.shape[0]
+    n_eff = 1 if whole else int(n_subsets)
     rng = np.random.default_rng(seed)
-    vals = np.empty(int(n_subsets), dtype=np.float64)
-    for i in range(int(n_subsets)):
-        x = a[rng.choice(a.shape[0], m, replace=False)]
-        y = b[rng.choice(b.shape[0], m, replace=False)]
+    vals = np.empty(n_eff, dtype=np.float64)
+    for i in range(n_eff):
+        if whole:
+            x, y = a, b
+        else:
+            x = a[rng.choice(a.shape[0], m, replace=False)]
+            y = b[rng.choice(b.shape[0], m, replace=False)]
         vals[i] = mmd2_unbiased(
             polynomial_kernel(x, x, degree, gamma, coef0),
             polynomial_kernel(y, y, degree, gamma, coef0),
             polynomial_kernel(x, y, degree, gamma, coef0),
         )
-    return {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0,
-            "subset_size": m, "n_subsets": int(n_subsets)}
+    return {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if vals.size > 1 else None,
+            "subset_size": m, "n_subsets": n_eff, "n_subsets_requested": int(n_subsets)}
