@@ -68,6 +68,11 @@ def test_two_gloo_ranks_hold_identical_weights(tmp_path: Path) -> None:
     # only rank 0 wrote the run folder's files
     run = tmp_path / "run"
     assert (run / "checkpoints" / "step-0000003" / "generator.safetensors").is_file()
+    # but the checkpoint holds every rank's RNG states, in rank order
+    import json
+
+    rng = json.loads((run / "checkpoints" / "step-0000003" / "state.json").read_text())["rng"]
+    assert isinstance(rng, list) and len(rng) == 2 and all({"python", "numpy", "torch"} <= set(r) for r in rng)
     assert (run / "log.jsonl").is_file()
 
 

@@ -210,7 +210,9 @@ def test_non_finite_losses_skip_steps_then_stop(data: Path, tmp_path: Path, monk
     d_before = _params(tr.discriminator)
     with pytest.raises(TrainingError, match=r"non-finite.*3 consecutive steps.*mae"):
         tr.run()
-    assert 3 <= tr.state.step <= 5  # checked every max_bad_steps steps
+    # checked every min(log_every, max_bad_steps) = 3 steps, and every step is bad from the first:
+    # the streak reaches 3 exactly at the first check
+    assert tr.state.step == 3
     # skipped steps changed nothing: weights, BatchNorm statistics, optimizer step counts
     for k, v in _params(tr.generator).items():
         assert torch.equal(v, before[k]), k
@@ -219,6 +221,89 @@ def test_non_finite_losses_skip_steps_then_stop(data: Path, tmp_path: Path, monk
     assert all(float(s["step"]) == 0.0 for s in tr.opt_g.state.values())
     events = [r for r in read_jsonl(tmp_path / "run" / "log.jsonl") if r["kind"] == "event"]
     assert any(e["event"] == "stopped" for e in events)
+
+
+def test_a_caller_supplied_env_survives_run(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from derestainer.training.distributed import DistEnv
+
+    calls: list[object] = []
+    monkeypatch.setattr(loop_mod, "cleanup", calls.append)
+    env = DistEnv(0, 1, 0, torch.device("cpu"), None)
+    tr = Trainer(tiny_cfg(data, tmp_path / "run", steps=1, ckpt_every=0), env=env)
+    assert tr.env is env
+    tr.run()
+    assert calls == []  # the caller's process group is the caller's to leave
+    # a trainer that made its own env leaves it
+    Trainer(tiny_cfg(data, tmp_path / "run2", steps=1, ckpt_every=0)).run()
+    assert len(calls) == 1
+
+
+def test_resume_across_world_sizes_and_older_configs(data: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(data, tmp_path / "run", steps=2, ckpt_every=2)
+    train(cfg)
+    ckpt = checkpoint_dir(tmp_path / "run", 2)
+    state_file = ckpt / "state.json"
+    orig = json.loads(state_file.read_text())
+    assert isinstance(orig["rng"], list) and len(orig["rng"]) == 1  # one RNG state per rank
+
+    def resume_with(**changes: object) -> Trainer:
+        state_file.write_text(json.dumps({**orig, **changes}))
+        return Trainer(cfg, resume=True)
+
+    # written by 2 ranks at the start of an epoch: nothing to skip, the epoch is kept
+    tr = resume_with(world_size=2, epoch=1, batch_in_epoch=0)
+    assert (tr.state.epoch, tr.state.batch_in_epoch, tr.state.world_size) == (1, 0, 1)
+    # inside an epoch: the rest of it is skipped, and the warning says how much
+    tr.logger.close()
+    tr = resume_with(world_size=2, epoch=1, batch_in_epoch=1)
+    assert (tr.state.epoch, tr.state.batch_in_epoch) == (2, 0)
+    tr.logger.close()
+    msgs = [r.get("message", "") for r in read_jsonl(tmp_path / "run" / "log.jsonl") if r["kind"] == "event"]
+    assert any("no batch is skipped" in m for m in msgs)
+    # 6 pairs on 2 ranks, batch 2: one micro-batch per rank and epoch, already consumed
+    assert any("0 of the 1 micro-batches per rank of epoch 1" in m for m in msgs)
+    # a single-process checkpoint from before per-rank RNG states (one dict) still loads
+    assert resume_with(rng=orig["rng"][0]).state.step == 2
+    # a key added to the schema after the checkpoint was written takes its default
+    from derestainer.config import Config, to_dict
+
+    default_model = to_dict(Config())["model"]
+    key = next(k for k, v in to_dict(cfg)["model"].items() if v == default_model[k])
+    old_cfg = json.loads(json.dumps(orig["config"]))
+    del old_cfg["model"][key]
+    assert resume_with(config=old_cfg).state.step == 2
+
+
+def test_rewriting_a_checkpoint_keeps_one_in_place(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from derestainer.training import state as state_mod
+
+    tr = Trainer(tiny_cfg(data, tmp_path / "run", steps=2, ckpt_every=0))
+    tr._checkpoint()
+    final = checkpoint_dir(tmp_path / "run", 0)
+    assert (final / "state.json").is_file()
+    real_replace = os.replace
+    seen: list[bool] = []
+
+    def fail_after_move_aside(src, dst):  # an error between moving the old folder aside and the new one in
+        real_replace(src, dst)
+        if Path(dst).name.startswith(".tmp-"):  # the old folder goes to a name clean_incomplete removes
+            seen.append(Path(dst).name)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(state_mod.os, "replace", fail_after_move_aside)
+    tr._last_ckpt_step = None
+    with pytest.raises(KeyboardInterrupt):
+        tr._checkpoint()
+    monkeypatch.undo()
+    assert seen
+    # the earlier checkpoint was put back, and the new one's temporary folder removed
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [final.name]
+    assert (final / "state.json").is_file()
+    # a rewrite that succeeds leaves no temporary folder behind
+    tr._last_ckpt_step = None
+    tr._checkpoint()
+    assert (final / "state.json").is_file()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [final.name]
 
 
 def test_a_single_non_finite_step_is_skipped_and_logged(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -367,6 +452,26 @@ def test_cli_dry_run_prints_resolved_config(tmp_path: Path) -> None:
     d = yaml.safe_load(res.output)
     assert d["train"]["lr"] == 3e-4 and d["data"]["root"] == str(tmp_path) and d["model"]["ngf"] == 8
     assert not (tmp_path / "r").exists()
+
+
+def test_cli_resume_from_a_checkpoint_uses_its_config_and_run_folder(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_cfg(data, run, steps=2, ckpt_every=2, lr=3e-4))
+    ckpt = checkpoint_dir(run, 2)
+    # no --config, no --out: not the paper preset, and the checkpoint's own run folder
+    res = CliRunner().invoke(main, ["train", "--resume", str(ckpt), "--set", "train.steps=3", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    import yaml
+
+    d = yaml.safe_load(res.output)
+    assert d["model"]["ngf"] == 8 and d["train"]["lr"] == 3e-4 and d["train"]["steps"] == 3
+    assert d["train"]["out"] == str(run) and d["data"]["root"] == str(data)
+    res = CliRunner().invoke(main, ["train", "--resume", str(ckpt), "--set", "train.steps=3"])
+    assert res.exit_code == 0, res.output
+    assert resolve_checkpoint(run).name == checkpoint_dir(run, 3).name
+    # a path with no checkpoint is a user error
+    res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "nothing"), "--dry-run"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
 
 
 def test_cli_reports_user_errors_without_traceback(tmp_path: Path) -> None:

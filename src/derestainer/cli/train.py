@@ -12,13 +12,14 @@ from .common import fail
 @click.command(short_help="Train DeReStainer (or a baseline) on paired H&E/IHC data.")
 @click.option("--config", "-c", "config", default=None, metavar="PRESET|FILE.yaml",
               help="Preset (paper, tiny, no_stain, no_dab, …) or YAML file. Default: paper; with --resume, "
-                   "the run folder's config.yaml.")
+                   "the run folder's config.yaml, or with --resume CKPT the checkpoint's config.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one config value, e.g. --set train.lr=2e-4 (repeatable).")
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
               help="Dataset folder (sets data.root).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Run folder for checkpoints, logs and samples (sets train.out).")
+              help="Run folder for checkpoints, logs and samples (sets train.out). Default with --resume CKPT: "
+                   "the checkpoint's run folder.")
 @click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None, metavar="[CKPT]",
               help="Continue the run in --out from its latest checkpoint, or from the checkpoint folder CKPT.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config as YAML and exit.")
@@ -35,14 +36,39 @@ def train(config: str | None, overrides: tuple[str, ...], data_root: Path | None
     import logging
     import os
 
-    from ..config import ConfigError, dump_yaml, load_config, replace
+    from ..config import (
+        ConfigError,
+        dump_yaml,
+        from_dict,
+        load_config,
+        parse_override,
+        replace,
+    )
 
     preset = config
-    if preset is None:
+    ckpt_cfg: dict | None = None  # the config stored in the checkpoint given to --resume
+    if preset is None and resume is not None and resume != "latest":
+        from ..training.checkpoint import CheckpointError
+        from ..training.state import CHECKPOINTS, read_state, resolve_checkpoint
+
+        try:
+            ckpt = resolve_checkpoint(resume)
+            _, ckpt_cfg = read_state(ckpt)
+        except CheckpointError as exc:
+            raise fail(str(exc)) from None
+        if out_dir is None:  # the checkpoint's own run folder (…/RUN/checkpoints/step-N)
+            out_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else Path(resume)
+    if preset is None and ckpt_cfg is None:
         run_cfg = (out_dir / "config.yaml") if out_dir is not None else None
         preset = str(run_cfg) if resume is not None and run_cfg is not None and run_cfg.is_file() else "paper"
     try:
-        cfg = load_config(preset, list(overrides))
+        if ckpt_cfg is not None:
+            cfg = from_dict(ckpt_cfg)
+            for item in overrides:
+                (section, key), value = parse_override(item)
+                cfg = replace(cfg, **{section: {key: value}})
+        else:
+            cfg = load_config(preset, list(overrides))
         if data_root is not None:
             cfg = replace(cfg, data={"root": str(data_root)})
         if out_dir is not None:

@@ -503,6 +503,27 @@ def fit_classifier(
     ema_acc: float | None = None
     bar = tqdm(total=steps, desc="train-classifier", disable=not progress, dynamic_ncols=True)
     step = 0
+    # Loss and accuracy stay on the device and are read every 10 steps (and at the last), so that a
+    # step has no host sync; the finiteness check happens then too (a non-finite loss is sticky).
+    read_every = 10
+    win_loss: list[torch.Tensor] = []
+    win_acc: list[torch.Tensor] = []
+    win_first = 0  # index of the window's first step
+
+    def read_window() -> None:
+        nonlocal ema_loss, ema_acc, win_loss, win_acc, win_first
+        if not win_loss:
+            return
+        losses = torch.stack(win_loss).tolist()  # the one host sync of the window
+        accs = torch.stack(win_acc).tolist()
+        win_loss, win_acc = [], []
+        for i, (lv, acc) in enumerate(zip(losses, accs)):
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"non-finite loss at step {win_first + i}: lower the learning rate (now {lr:g})")
+            ema_loss = lv if ema_loss is None else 0.95 * ema_loss + 0.05 * lv
+            ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
+        win_first = step
+
     for xb, yb in loader:
         x = prepare_images(xb.to(dev, non_blocking=True))
         y = torch.as_tensor(yb).to(dev)
@@ -513,20 +534,18 @@ def fit_classifier(
         with autocast:
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}: lower the learning rate (now {lr:g})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         step += 1
-        lv = float(loss.detach())
-        acc = float((logits.detach().argmax(1) == y).float().mean())
-        ema_loss = lv if ema_loss is None else 0.95 * ema_loss + 0.05 * lv
-        ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
+        win_loss.append(loss.detach())
+        win_acc.append((logits.detach().argmax(1) == y).float().mean())
         bar.update(1)
-        if step % 10 == 0 or step == steps:
+        if step % read_every == 0 or step == steps:
+            read_window()
             bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.2f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+    read_window()  # (empty unless the loader ended early)
     bar.close()
     model.eval()
 

@@ -212,6 +212,17 @@ def _no_sync(module: nn.Module | None, skip_sync: bool) -> contextlib.AbstractCo
     return contextlib.nullcontext()
 
 
+def _gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's (small, plain-data) ``obj``, in rank order (``[obj]`` on one process)."""
+    if not env.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off":
         return None
@@ -247,6 +258,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool | str | Path = False, env: DistEnv | None = None) -> None:
         self.cfg = cfg
         tc = cfg.train
+        self._owns_env = env is None  # only a process group this trainer joined is left by it
         self.env = env or init_distributed(tc.device)
         self.device = self.env.device
         self.run_dir = Path(tc.out)
@@ -263,7 +275,7 @@ class Trainer:
         except BaseException:
             if self.logger is not None:
                 self.logger.close()
-            if env is None:
+            if self._owns_env:
                 cleanup(self.env)
             raise
 
@@ -369,13 +381,19 @@ class Trainer:
         diffs = check_compatible(ckpt, self.cfg)
         self.state = load_checkpoint(ckpt, generator=self.generator, discriminator=self.discriminator,
                                      opt_g=self.opt_g, opt_d=self.opt_d, cfg=self.cfg)
-        if self.state.rng:
-            set_rng_state(self.state.rng)
+        rng = self.state.rng
+        if isinstance(rng, list):  # one state per rank (older, single-process checkpoints: one dict)
+            rng = rng[self.env.rank] if self.env.rank < len(rng) else (rng[0] if rng else {})
+        if rng:
+            set_rng_state(rng)
+        self._resharded: tuple[int, int, int] | None = None
         if self.state.world_size != self.env.world_size:
-            self._warn(f"checkpoint was written by {self.state.world_size} rank(s), this run has "
-                       f"{self.env.world_size}: the data order from here on differs from the original run")
-            self.state.batch_in_epoch = 0
-            self.state.epoch += 1
+            # the old shard of a partly consumed epoch cannot be continued: move on to the next
+            # epoch (the warning, with the count of skipped batches, comes once the data is known)
+            self._resharded = (self.state.world_size, self.state.epoch, self.state.batch_in_epoch)
+            if self.state.batch_in_epoch > 0:
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
             self.state.world_size = self.env.world_size
         if self.env.is_main:
             changed = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in sorted(diffs.items()))
@@ -397,6 +415,19 @@ class Trainer:
             raise TrainingError(
                 f"the training split has {len(base)} pairs: too few for batch_size {tc.batch_size} "
                 f"on {self.env.world_size} rank(s); lower train.batch_size")
+        if getattr(self, "_resharded", None) is not None:
+            old_world, epoch, consumed = self._resharded
+            msg = (f"checkpoint was written by {old_world} rank(s), this run has {self.env.world_size}: "
+                   "the data order from here on differs from the original run")
+            if consumed > 0:
+                old_per_epoch = (len(base) // old_world) // tc.batch_size
+                skipped = max(0, old_per_epoch - consumed)
+                msg += (f"; {skipped} of the {old_per_epoch} micro-batches per rank of epoch {epoch} "
+                        f"({skipped * old_world * tc.batch_size} pairs on {old_world} rank(s)) are skipped "
+                        f"and training goes on with epoch {epoch + 1}")
+            else:
+                msg += f"; no batch is skipped (the checkpoint is at the start of epoch {epoch})"
+            self._warn(msg)
         self.val_set: Dataset | None = None
         try:
             self.val_set = build_dataset(dc, dc.val_split, train=False)
@@ -532,7 +563,8 @@ class Trainer:
             raise
         finally:
             self.logger.close()
-            cleanup(self.env)
+            if self._owns_env:
+                cleanup(self.env)
         summary = self._summary(time.perf_counter() - t0)
         if self.env.is_main:
             from ..io import write_json
@@ -656,8 +688,11 @@ class Trainer:
         n = len(self.val_set)  # type: ignore[arg-type]
         if max_items > 0:
             n = min(n, max_items)
+        # its own generator: iterating a loader draws a base seed, which must not come from the global
+        # RNG (this runs on rank 0 only, and the global RNG state is part of the checkpoints)
         loader = DataLoader(torch.utils.data.Subset(self.val_set, range(n)), batch_size=self.cfg.train.batch_size,
-                            shuffle=False, num_workers=self.cfg.data.workers)
+                            shuffle=False, num_workers=self.cfg.data.workers,
+                            generator=torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, self.state.step)))
         ssims: list[float] = []
         psnrs: list[float] = []
         correct = known = 0
@@ -736,11 +771,15 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         st, tc = self.state, self.cfg.train
-        if self.env.is_main and self._last_ckpt_step != st.step:
-            st.rng = rng_state()
+        if self._last_ckpt_step == st.step:  # (same on every rank)
+            barrier(self.env)
+            return
+        # every rank's RNG states, so that each rank resumes its own streams
+        st.rng = _gather_objects(rng_state(), self.env)
+        self._last_ckpt_step = st.step
+        if self.env.is_main:
             path = save_checkpoint(self.run_dir, generator=self.generator, discriminator=self.discriminator,
                                    opt_g=self.opt_g, opt_d=self.opt_d, cfg=self.cfg, state=st)
-            self._last_ckpt_step = st.step
             keep = set()
             if st.best_step is not None:
                 best = checkpoint_dir(self.run_dir, st.best_step)

@@ -194,7 +194,8 @@ class TrainState:
         bad_streak: consecutive steps with a non-finite loss at the time of saving.
         skipped_steps: total steps skipped for non-finite losses.
         history: validation results, one dict per validation (step, epoch, metrics).
-        rng: global RNG states (:func:`rng_state`).
+        rng: global RNG states (:func:`rng_state`), one per rank in rank order (checkpoints written
+            before per-rank states hold a single dict: rank 0's).
     """
 
     step: int = 0
@@ -206,7 +207,7 @@ class TrainState:
     bad_streak: int = 0
     skipped_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    rng: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -253,6 +254,7 @@ def save_checkpoint(
     from ..config import to_dict
 
     final = checkpoint_dir(run_dir, state.step)
+    old: Path | None = None
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}-", dir=parent))
@@ -270,12 +272,20 @@ def save_checkpoint(
                                         **_json_safe(state.to_dict())})
         _fsync_dir(tmp)
         if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
-            shutil.rmtree(final)
+            # moved aside under a temporary name (which clean_incomplete removes should we crash before
+            # deleting it) rather than deleted first: the step's folder is missing only between two
+            # renames, and an error there puts the earlier one back
+            old = parent / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}-{os.urandom(4).hex()}"
+            os.replace(final, old)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not final.exists():  # put the earlier one back
+            os.replace(old, final)
         raise
     _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     write_text(Path(run_dir) / LATEST, f"{CHECKPOINTS}/{final.name}\n")
     return final
 
@@ -343,16 +353,27 @@ def read_state(ckpt: str | os.PathLike[str]) -> tuple[TrainState, dict[str, Any]
     return TrainState.from_dict(data), data["config"]
 
 
-def check_compatible(ckpt: str | os.PathLike[str], cfg: Any) -> dict[str, tuple[Any, Any]]:
+def check_compatible(ckpt: str | os.PathLike[str], cfg: Any,
+                     theirs: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
     """Raise :class:`CheckpointError` if the checkpoint was made for another model than ``cfg.model``.
 
+    Keys that the checkpoint's config lacks (added to the schema after it was written) compare as
+    their defaults.
+
+    Args:
+        theirs: the checkpoint's config when the caller has already read it (:func:`read_state`).
     Returns:
         The other config differences ``{'section.key': (checkpoint value, current value)}`` (allowed:
         e.g. more steps, another learning rate) so that the caller can report them.
     """
-    from ..config import to_dict
+    from ..config import ConfigError, from_dict, to_dict
 
-    _, theirs = read_state(ckpt)
+    if theirs is None:
+        _, theirs = read_state(ckpt)
+    try:
+        theirs = to_dict(from_dict(theirs))
+    except ConfigError:  # keys this version no longer knows: compare what is there
+        pass
     ours = to_dict(cfg)
     diffs: dict[str, tuple[Any, Any]] = {}
     for section in ours:
@@ -382,8 +403,8 @@ def load_checkpoint(
         CheckpointError: missing/corrupt files, another model, or weights that do not fit.
     """
     p = Path(ckpt)
-    check_compatible(p, cfg)
-    state, _ = read_state(p)
+    state, theirs = read_state(p)
+    check_compatible(p, cfg, theirs)
     _load_module(p / "generator.safetensors", generator, "generator")
     if discriminator is not None:
         _load_module(p / "discriminator.safetensors", discriminator, "discriminator")
