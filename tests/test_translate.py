@@ -20,10 +20,13 @@ from derestainer.inference.patches import (
     dihedral,
     inverse_dihedral,
     load_model,
+    model_to_uint8,
     pad_to_multiple,
     predict,
+    resize_batch,
     resolve_checkpoint,
     translate_array,
+    uint8_to_model,
 )
 from derestainer.models.base import GenOutput
 from derestainer.models.registry import register_generator
@@ -147,10 +150,66 @@ def test_translate_array_keeps_size_and_resizes_by_mpp(model_file: Path, rng: np
     assert out[0].shape == im.shape and out[0].dtype == np.uint8
     np.testing.assert_array_equal(out[0], out[1])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
-    # Unpadded region equals running the model directly on a multiple-of-4 crop's interior.
-    half, _ = translate_array(lm, [im], input_mpp=lm.mpp / 2)  # inputs at twice the resolution
+    # Inputs at twice the resolution: shrunk to round(h/2) × round(w/2) for the model, output resized back.
+    seen: list[tuple[int, ...]] = []
+    hook = lm.model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    try:
+        half, _ = translate_array(lm, [im], input_mpp=lm.mpp / 2)
+    finally:
+        hook.remove()
     assert half[0].shape == im.shape
+    assert seen == [(20, 28)]  # 37 × 50 → 18 × 25 (round(h·f)), then padded to multiples of 4
+    x = uint8_to_model(torch.from_numpy(im.transpose(2, 0, 1).copy())[None])
+    small = resize_batch(x, (round(37 * 0.5), round(50 * 0.5)))
+    assert tuple(small.shape[-2:]) == (18, 25)
+    ihc, _ = predict(lm.model, small, multiple=lm.multiple)
+    ref = model_to_uint8(resize_batch(ihc, (37, 50)))[0].permute(1, 2, 0).numpy()
+    assert np.abs(half[0].astype(int) - ref.astype(int)).max() <= 1
     assert not np.array_equal(half[0], out[0])
+
+
+def test_resize_by_mpp_with_a_per_pixel_model_gives_the_input_back(tmp_path: Path) -> None:
+    """A per-pixel model (1×1 conv + tanh) nearly commutes with resizing: on a smooth image the mpp path ≈ the model at full size."""
+    lm = load_model(_save(tmp_path / "pw.safetensors", "_tt_pointwise"), "cpu", precision="fp32")
+    yy, xx = np.mgrid[0:48, 0:64].astype(np.float64)
+    im = np.stack([60 + 2 * xx, 40 + 3 * yy, 200 - xx - yy], axis=-1).round().astype(np.uint8)
+    out, _ = translate_array(lm, [im], input_mpp=lm.mpp / 2)
+    with torch.no_grad():
+        x = uint8_to_model(torch.from_numpy(im.transpose(2, 0, 1).copy())[None])
+        direct = model_to_uint8(lm.model(x).ihc)[0].permute(1, 2, 0).numpy()
+    inner = (slice(4, -4), slice(4, -4))  # away from the borders, where bilinear resizing clamps
+    assert np.abs(out[0][inner].astype(int) - direct[inner].astype(int)).max() <= 2
+
+
+def test_predict_leaves_precision_to_an_inference_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path applies its own precision: predict adds no autocast around it and refuses a conflicting one."""
+    from derestainer.inference import patches
+
+    f = _save(tmp_path / "cv.safetensors", "_tt_conv3")
+    fast = load_model(f, "cpu", precision="fp32")
+    plain = load_model(f, "cpu", fast=False)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    calls: list[str] = []
+    real = patches.autocast_context
+
+    def spy(device: torch.device, precision: str = "auto"):
+        calls.append(precision)
+        return real(device, precision)
+
+    monkeypatch.setattr(patches, "autocast_context", spy)
+    a, _ = predict(fast.model, x, multiple=fast.multiple)
+    b, _ = predict(fast.model, x, multiple=fast.multiple, precision="fp32")
+    assert calls == []  # no outer autocast around the InferenceModel
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="built to run in 'fp32'"):
+        predict(fast.model, x, multiple=fast.multiple, precision="bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        predict(fast.model, x, multiple=fast.multiple, precision="fp16")
+    predict(plain.model, x, multiple=plain.multiple, precision="fp32")
+    assert calls == ["fp32"]  # the plain model still runs under predict's autocast context
+    assert patches.resolved_precision(plain.model, torch.device("cpu"), "auto") == "fp32"
+    assert patches.resolved_precision(plain.model, torch.device("cuda"), "auto") == "bf16"
+    assert patches.resolved_precision(fast.model, torch.device("cpu"), "auto") == "fp32"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from derestainer.config import load_config, replace
 from derestainer.inference import wsi
 from derestainer.inference.ometiff import level_shapes, write_pyramid
 from derestainer.inference.patches import load_model
-from derestainer.inference.tiling import grid_positions, rows_to_tiles
+from derestainer.inference.tiling import TileGrid, grid_positions, rows_to_tiles
 from derestainer.inference.wsi import (
     SlideError,
     SlideOptions,
@@ -118,7 +118,7 @@ def write_slide(path: Path, h: int, w: int, mpp: float | None, levels: int = 3, 
 
 def whole_image_output(model_file: Path, img: np.ndarray) -> np.ndarray:
     """The model applied to the whole image at once, as uint8 (the stitched output's reference)."""
-    lm = load_model(model_file, "cpu")
+    lm = load_model(model_file, "cpu", precision="fp32")
     with torch.no_grad():
         x = torch.from_numpy(img.transpose(2, 0, 1).copy())[None].float() / 127.5 - 1
         y = lm.model(x).ihc[0].permute(1, 2, 0).numpy()
@@ -131,6 +131,7 @@ def read_base(path: Path) -> np.ndarray:
 
 
 FAST = {"progress": False, "batch_size": 8, "workers": 1}
+FP32 = {"precision": "fp32"}  # results that must not depend on whether this CPU has bf16
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,16 +178,75 @@ def test_plan_picks_level_and_needs_mpp(tmp_path: Path) -> None:
         assert plan.level == 1 and plan.resample == pytest.approx(1.5) and plan.width == 140
         plan = plan_slide(r, 4.0, tile=64, overlap=16, slide_mpp=1.0)  # --mpp overrides the file
         assert plan.mpp_source == "--mpp" and plan.level == 2 and plan.resample == pytest.approx(1.0)
-        # Resampling from level 0 by 2 ≈ the 2× level (which is a plain subsample here: a loose check).
-        plan2 = plan_slide(r, 1.0, tile=64, overlap=16)
-        region = read_model_region(r, plan2, 20, 30, 64, 64).astype(float)
-        object.__setattr__(plan2, "level", 0)
-        object.__setattr__(plan2, "level_downsample", 1.0)
-        resampled = read_model_region(r, plan2, 20, 30, 64, 64).astype(float)
-        assert np.abs(region - resampled).mean() < 20
     nompp = write_slide(tmp_path / "nompp.tif", 100, 100, mpp=None, levels=1, tile=64)
     with open_slide(nompp) as r, pytest.raises(SlideError, match="--mpp"):
         plan_slide(r, 1.0, tile=64, overlap=16)
+
+
+@pytest.mark.parametrize("model_mpp", [1.0, 0.75, 0.6])
+def test_resampling_reproduces_a_linear_ramp(tmp_path: Path, model_mpp: float) -> None:
+    """Lanczos resampling of a linear ramp gives the ramp at each output pixel's centre (± rounding)."""
+    yy, xx = np.mgrid[0:240, 0:240]
+    img = np.stack([xx, yy, np.full_like(xx, 128)], axis=-1).astype(np.uint8)
+    p = tmp_path / "ramp.tif"
+    tifffile.imwrite(p, img, tile=(64, 64), photometric="rgb", resolution=(1e4 / 0.5, 1e4 / 0.5),
+                     resolutionunit="CENTIMETER")
+    with open_slide(p) as r:
+        plan = plan_slide(r, model_mpp, tile=64, overlap=16)
+        f = model_mpp / 0.5
+        assert plan.level == 0 and plan.resample == pytest.approx(f)
+        y0, x0 = 20, 30  # source window plus the filter's support stays inside the slide (no white edge)
+        region = read_model_region(r, plan, y0, x0, 64, 64).astype(float)
+    # Output pixel j covers source [(x0 + j)·f, (x0 + j + 1)·f): its centre is at (x0 + j + ½)·f − ½ in pixel indices.
+    ex = (x0 + np.arange(64) + 0.5) * f - 0.5
+    ey = (y0 + np.arange(64) + 0.5) * f - 0.5
+    assert np.abs(region[..., 0] - ex[None, :]).max() <= 1
+    assert np.abs(region[..., 1] - ey[:, None]).max() <= 1
+    assert (region[..., 2] == 128).all()
+
+
+def test_planar_tiffs_are_read_colour_last(tmp_path: Path) -> None:
+    """Planar RGB (axes SYX) and OME CYX TIFFs give the same pixels as the interleaved image."""
+    img = synth_slide(120, 160)
+    planar = np.ascontiguousarray(img.transpose(2, 0, 1))
+    res = {"resolution": (1e4 / 0.5, 1e4 / 0.5), "resolutionunit": "CENTIMETER"}
+    paths = {
+        "separate": tmp_path / "planar.tif",
+        "ome": tmp_path / "planar.ome.tif",
+    }
+    tifffile.imwrite(paths["separate"], planar, photometric="rgb", planarconfig="separate", tile=(64, 64), **res)
+    tifffile.imwrite(paths["ome"], planar, photometric="rgb", metadata={"axes": "CYX", "PhysicalSizeX": 0.5,
+                                                                        "PhysicalSizeY": 0.5})
+    for name, p in paths.items():
+        with wsi.TiffReader(p) as r:  # directly: OpenSlide would take the tiled one
+            assert r.dimensions == (160, 120) and r.mpp == pytest.approx(0.5), name
+            np.testing.assert_array_equal(r.read_level(0, 5, 7, 30, 20), img[7:27, 5:35], err_msg=name)
+            out = r.read_level(0, 150, 110, 20, 20)  # over the edge: white outside
+            np.testing.assert_array_equal(out[:10, :10], img[110:, 150:], err_msg=name)
+            assert (out[10:] == 255).all() and (out[:, 10:] == 255).all()
+            assert r.thumbnail(40).shape[2] == 3
+    stack = tmp_path / "stack.tif"  # five grey planes: not one image
+    tifffile.imwrite(stack, np.zeros((5, 32, 32), np.uint8), photometric="minisblack")
+    with pytest.raises(SlideError, match=r"stack\.tif: unsupported TIFF layout \(axes \w*YX"):
+        wsi.TiffReader(stack)
+
+
+def test_heatmap_leaves_the_matplotlib_backend_alone(tmp_path: Path) -> None:
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # stands for the user's own backend (e.g. Jupyter's inline one)
+    try:
+        grid = TileGrid(100, 120, 64, 16, -1)
+        plan = wsi.SlidePlan(0.5, "test", 0.5, 1.0, 0, 1.0, 100, 120, grid)
+        probs = [[[0.1, 0.2, 0.3, 0.4]] * grid.n_cols for _ in range(grid.n_rows)]
+        thumb = synth_slide(50, 60)
+        wsi.write_heatmap(tmp_path / "h.png", thumb, np.ones((50, 60), bool), plan, probs, ("0", "1+", "2+", "3+"))
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    with Image.open(tmp_path / "h.png") as im:
+        assert im.format == "PNG" and im.size[0] > 0
 
 
 def test_slide_level_rule() -> None:
@@ -209,6 +269,13 @@ def test_output_naming_and_sharding(tmp_path: Path) -> None:
     assert sorted(x for r in range(3) for x in shard(list(range(7)), r, 3)) == list(range(7))
     outs = SlideOutputs.for_tiff(tmp_path / "o.ome.tiff")
     assert outs.heatmap.name == "o.heatmap.png" and outs.summary.name == "o.summary.json"
+
+
+def test_list_slides_finds_every_suffix_open_slide_reads_as_tiff(tmp_path: Path) -> None:
+    names = ["a.btf", "b.tf8", "c.tf2", "d.TIF", "e.svs", "notes.txt"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"")
+    assert [p.name for p in wsi.list_slides([tmp_path])] == names[:-1]
 
 
 @pytest.mark.parametrize("layout", ["ome", "openslide"])
@@ -260,8 +327,9 @@ def test_translate_slide_equals_whole_image_and_is_readable(tmp_path: Path) -> N
     slide = write_slide(tmp_path / "s.tif", h, w, mpp=0.5, levels=1, tile=64)
     mf = make_model(tmp_path / "m.safetensors", mpp=0.5)
     out = tmp_path / "out" / "s.ome.tiff"
-    s = translate_slide(load_model(mf, "cpu"), slide, out,
-                        SlideOptions(tile=64, overlap=16, compression="lossless", all_tiles=True, out_tile=64, **FAST))
+    s = translate_slide(load_model(mf, "cpu", precision="fp32"), slide, out,
+                        SlideOptions(tile=64, overlap=16, compression="lossless", all_tiles=True, out_tile=64, **FAST,
+                                     **FP32))
     base = read_base(out)
     ref = whole_image_output(mf, synth_slide(h, w))
     n_tiles = len(grid_positions(h, 64, 16)) * len(grid_positions(w, 64, 16))
@@ -324,8 +392,8 @@ def test_interrupted_run_leaves_no_output_and_resume_completes(tmp_path: Path, m
     h, w = 330, 200
     slide = write_slide(tmp_path / "s.tif", h, w, mpp=0.5, levels=1, tile=64)
     mf = make_model(tmp_path / "m.safetensors", mpp=0.5)
-    lm = load_model(mf, "cpu")
-    opts = SlideOptions(tile=64, overlap=16, compression="lossless", all_tiles=True, batch_size=4, **{
+    lm = load_model(mf, "cpu", precision="fp32")
+    opts = SlideOptions(tile=64, overlap=16, compression="lossless", all_tiles=True, batch_size=4, **FP32, **{
         k: v for k, v in FAST.items() if k != "batch_size"})
     ref_out = tmp_path / "ref" / "s.ome.tiff"
     translate_slide(lm, slide, ref_out, opts)
@@ -346,8 +414,11 @@ def test_interrupted_run_leaves_no_output_and_resume_completes(tmp_path: Path, m
         translate_slide(lm, slide, out, opts)
     assert not out.exists()
     assert [p.name for p in out.parent.iterdir()] == [".s.work"]  # no temporary TIFF left behind
-    progress = json.loads((out.parent / ".s.work" / "progress.json").read_text())
-    assert sorted(progress["done"]) == ["0", "1", "2"]
+    work = out.parent / ".s.work"
+    progress = json.loads((work / "progress.json").read_text())
+    assert set(progress) == {"format", "settings"}  # written once; finished bands have side files
+    assert sorted(p.name for p in work.glob("band_*.json")) == [f"band_{i:05d}.json" for i in range(3)]
+    assert json.loads((work / "band_00001.json").read_text())["probs"][0] is not None
 
     calls["n"] = -1000  # no more crashes; count the batches the resumed run computes
     resumed = translate_slide(lm, slide, out, SlideOptions(**{**opts.__dict__, "resume": True}))
@@ -364,6 +435,16 @@ def test_interrupted_run_leaves_no_output_and_resume_completes(tmp_path: Path, m
         translate_slide(lm, slide, out2, opts)
     with pytest.raises(SlideError, match="other settings.*overlap"):
         translate_slide(lm, slide, out2, SlideOptions(**{**opts.__dict__, "resume": True, "overlap": 24}))
+    # ... and so is resuming with other numerics: another precision, or the plain model instead of the fast path.
+    bf16 = load_model(mf, "cpu", precision="bf16")
+    with pytest.raises(SlideError, match="other settings.*precision"):
+        translate_slide(bf16, slide, out2, SlideOptions(**{**opts.__dict__, "resume": True, "precision": "bf16"}))
+    plain = load_model(mf, "cpu", fast=False)
+    with pytest.raises(SlideError, match=r"other settings \(fast\)"):
+        translate_slide(plain, slide, out2, SlideOptions(**{**opts.__dict__, "resume": True}))
+    # An explicit precision the fast model was not built with is refused before anything runs.
+    with pytest.raises(SlideError, match="built to run in 'fp32'"):
+        translate_slide(lm, slide, out2, SlideOptions(**{**opts.__dict__, "resume": True, "precision": "bf16"}))
 
 
 def test_translate_slide_cli_many_slides_sharded(tmp_path: Path) -> None:

@@ -292,11 +292,15 @@ def resolve_config(spec: BenchSpec) -> Any:
 
 
 def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was asked for, but CUDA is not available")
+    """:func:`derestainer.inference.patches.pick_device` (the same choice as inference), errors as :class:`BenchError`."""
+    from .inference.patches import pick_device as pick
+
+    try:
+        dev = pick(device)
+    except RuntimeError as exc:  # no CUDA, or a device string torch does not know
+        raise BenchError(str(exc)) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():  # e.g. "cuda:1" on a machine without CUDA
+        raise BenchError(f"--device {device} was asked for, but CUDA is not available")
     return dev
 
 

@@ -135,7 +135,10 @@ def load_model(
             (BatchNorm folded into convolutions, channels_last, the faster modulated-convolution form,
             inference mode); outputs equal the plain model's to float rounding.
         precision: ``auto`` (bf16 on CUDA and on CPUs with native bf16, else fp32), ``fp32`` or ``bf16``;
-            only used with ``fast`` (the plain model runs in fp32 unless ``predict`` is told otherwise).
+            fixed here for the fast path (``predict`` then accepts ``auto`` or this same value). With
+            ``fast=False`` it is not used here: the plain model runs at the precision given to
+            ``predict``, whose ``auto`` is bf16 autocast on CUDA (stain separation included) and fp32
+            elsewhere.
     Raises:
         CheckpointError: missing, corrupt, or not a generator (e.g. a classifier file).
     """
@@ -240,6 +243,33 @@ def autocast_context(device: torch.device, precision: str = "auto") -> Any:
     return contextlib.nullcontext()
 
 
+def resolved_precision(model: torch.nn.Module, device: torch.device, precision: str = "auto") -> str:
+    """The precision ``predict(model, ..., precision=precision)`` really runs at: ``fp32`` or ``bf16``.
+
+    An :class:`~.optimize.InferenceModel` (the fast path) applies its own precision, fixed when it was
+    built (``load_model(..., precision=...)``); ``precision`` must then be ``auto`` or that same value.
+    A plain model follows :func:`autocast_context`: ``auto`` is bf16 autocast on CUDA (the whole
+    model, stain separation included) and fp32 elsewhere.
+
+    Raises:
+        ValueError: an explicit ``precision`` other than the one an InferenceModel was built with.
+    """
+    from .optimize import PRECISIONS, InferenceModel
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if isinstance(model, InferenceModel):
+        if precision != "auto" and precision != model.precision:
+            raise ValueError(
+                f"precision={precision!r} asked for, but this InferenceModel was built to run in "
+                f"{model.precision!r}; rebuild it with precision={precision!r} (load_model(..., precision=...)) "
+                f"or pass precision='auto'")
+        return str(model.precision)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return "bf16"
+    return "fp32"
+
+
 @torch.inference_mode()
 def predict(
     model: torch.nn.Module,
@@ -257,17 +287,30 @@ def predict(
         multiple: size multiple the model needs.
         tta: average the 8 dihedral transforms (each output transformed back before averaging;
             level probabilities averaged too).
-        precision: ``auto`` (bf16 autocast on CUDA), ``bf16`` or ``fp32``.
+        precision: for a plain model, ``auto`` (bf16 autocast on CUDA — the whole model, stain
+            separation included — fp32 elsewhere), ``bf16`` or ``fp32``. An
+            :class:`~.optimize.InferenceModel` runs at the precision it was built with (its
+            ``precision``, stain separation kept fp32) and no outer autocast is applied; ``auto``
+            or that same precision is accepted (see :func:`resolved_precision`).
 
     Returns:
         (virtual IHC float32 ``[N, 3, H, W]`` in ``[-1, 1]``, level probabilities float32 ``[N, K]`` or None).
+
+    Raises:
+        ValueError: ``precision`` conflicts with the precision an InferenceModel was built with.
     """
+    import contextlib
+
+    from .optimize import InferenceModel
+
+    resolved_precision(model, he.device, precision)  # refuses a conflicting precision
+    fast = isinstance(model, InferenceModel)
     x, (h, w) = pad_to_multiple(he, multiple, min_size=2 * multiple)
     ks = range(8) if tta else (0,)
     ihc_sum: torch.Tensor | None = None
     prob_sum: torch.Tensor | None = None
     for k in ks:
-        with autocast_context(x.device, precision):
+        with contextlib.nullcontext() if fast else autocast_context(x.device, precision):
             out = model(dihedral(x, k))
         y = inverse_dihedral(out.ihc.float(), k)
         ihc_sum = y if ihc_sum is None else ihc_sum + y
@@ -442,6 +485,6 @@ def write_predictions(out_dir: Path, rows: Sequence[dict[str, Any]], lm: LoadedM
 
 __all__ = [
     "ImageReadError", "Job", "LoadedModel", "collect_inputs", "dihedral", "inverse_dihedral", "load_model",
-    "model_to_uint8", "pad_to_multiple", "pick_device", "predict", "resolve_checkpoint", "translate_array",
-    "translate_files", "uint8_to_model", "write_predictions",
+    "model_to_uint8", "pad_to_multiple", "pick_device", "predict", "resolve_checkpoint", "resolved_precision",
+    "translate_array", "translate_files", "uint8_to_model", "write_predictions",
 ]

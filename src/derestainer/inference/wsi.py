@@ -41,16 +41,17 @@ import torch
 from PIL import Image
 
 from ..io import atomic_path, write_json, write_text
-from .patches import LoadedModel, predict, uint8_to_model
+from .optimize import InferenceModel
+from .patches import LoadedModel, predict, resolved_precision, uint8_to_model
 from .tiling import BandBlender, TileGrid
 from .tissue import tile_tissue_fraction, tissue_mask
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-                  ".dcm", ".png", ".jpg", ".jpeg")
-PROGRESS_FORMAT = 1
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".btf", ".tf8", ".tf2", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
+                  ".svslide", ".bif", ".dcm", ".png", ".jpg", ".jpeg")
+PROGRESS_FORMAT = 2  # 2: settings in progress.json (written once), one band_NNNNN.json per finished band
 
 
 class SlideError(ValueError):
@@ -213,11 +214,18 @@ class TiffReader(SlideReader):
         levels = list(series.levels)
         self._axes = series.axes
         dims = []
+        self._layouts: list[tuple[tuple[str, ...], tuple[int, int, int | None]]] = []
         for lv in levels:
-            shape = dict(zip(lv.axes, lv.shape))
-            if "Y" not in shape or "X" not in shape or shape.get("S", 1) not in (1, 3, 4):
-                raise SlideError(f"{self.path}: unsupported TIFF layout (axes {lv.axes}, shape {lv.shape})")
-            dims.append((int(shape["X"]), int(shape["Y"])))
+            axes, shape = str(lv.axes), tuple(int(n) for n in lv.shape)
+            layout = _tiff_layout(axes, shape)
+            if layout is None:
+                self._tf.close()
+                raise SlideError(
+                    f"{self.path}: unsupported TIFF layout (axes {axes}, shape {shape}); expected one image "
+                    f"plane with Y, X and at most one colour axis (S or C) of 1, 3 or 4 samples")
+            self._layouts.append(layout)
+            sizes = dict(zip(axes, shape))
+            dims.append((sizes["X"], sizes["Y"]))
         self.level_dimensions = dims
         self.level_downsamples = [dims[0][0] / d[0] for d in dims]
         self.vendor = "tifffile"
@@ -243,12 +251,42 @@ class TiffReader(SlideReader):
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
         if x1 <= x0 or y1 <= y0:
             return out
-        arr = np.asarray(self._array(level)[y0:y1, x0:x1])
+        kinds, (ay, ax, ac) = self._layouts[level]
+        index = tuple(slice(y0, y1) if k == "Y" else slice(x0, x1) if k == "X" else slice(None) if k == "C" else 0
+                      for k in kinds)
+        arr = np.asarray(self._array(level)[index])
+        # Axes left after indexing, in file order → (Y, X[, colour]).
+        arr = np.moveaxis(arr, [ay, ax] + ([] if ac is None else [ac]), [0, 1] + ([] if ac is None else [2]))
         out[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb8(arr)
         return out
 
     def close(self) -> None:
         self._tf.close()
+
+
+def _tiff_layout(axes: str, shape: tuple[int, ...]) -> tuple[tuple[str, ...], tuple[int, int, int | None]] | None:
+    """How to read one TIFF level as ``(Y, X[, colour])``, or None when it is not one RGB(A)/grey plane.
+
+    Returns ``(kinds, (y, x, colour))``: per file axis ``"Y"``, ``"X"``, ``"C"`` (the colour axis,
+    ``S`` or ``C`` with more than one sample) or ``"0"`` (a length-1 axis, read at index 0); then the
+    positions of Y, X and colour among the axes left after that indexing (colour None for grey).
+    """
+    if len(axes) != len(shape) or axes.count("Y") != 1 or axes.count("X") != 1:
+        return None
+    kinds: list[str] = []
+    for a, n in zip(axes, shape):
+        if a in "YX":
+            kinds.append(a)
+        elif a in "SC" and n > 1:
+            if n not in (3, 4) or "C" in kinds:
+                return None
+            kinds.append("C")
+        elif n == 1:
+            kinds.append("0")
+        else:
+            return None  # several planes (Z, T, channels of a fluorescence image, ...)
+    kept = [k for k in kinds if k != "0"]
+    return tuple(kinds), (kept.index("Y"), kept.index("X"), kept.index("C") if "C" in kept else None)
 
 
 def _to_rgb8(arr: np.ndarray) -> np.ndarray:
@@ -539,6 +577,10 @@ def translate_slide(
         raise SlideError(f"--tile {o.tile} must be a multiple of {lm.multiple} for this model")
     if not 0 <= o.overlap < o.tile:
         raise SlideError(f"--overlap must be in [0, tile): got {o.overlap} with tile {o.tile}")
+    try:
+        precision = resolved_precision(lm.model, lm.device, o.precision)
+    except ValueError as exc:
+        raise SlideError(str(exc)) from exc
     with open_slide(slide) as reader:
         try:
             plan = plan_slide(reader, lm.mpp, tile=o.tile, overlap=o.overlap, margin=o.margin, slide_mpp=o.slide_mpp)
@@ -561,6 +603,9 @@ def translate_slide(
             "slide": _file_sig(slide), "model": _file_sig(lm.path), "tile": o.tile, "overlap": o.overlap,
             "margin": grid.margin, "scale": plan.scale, "level": plan.level, "height": plan.height,
             "width": plan.width, "run": run.astype(int).tolist(),
+            # Numerics: bands saved at another precision or by the other path would not match new ones.
+            "precision": precision,
+            "fast": isinstance(lm.model, InferenceModel),
         }
         progress_path = outs.work / "progress.json"
         done: dict[int, Any] = {}
@@ -572,13 +617,15 @@ def translate_slide(
                     f"{outs.work}: the saved progress was made with other settings ({', '.join(diff) or 'format'}); "
                     f"delete that folder or run without --resume"
                 )
-            done = {int(k): v for k, v in state["done"].items()
-                    if (outs.work / f"band_{int(k):05d}.png").is_file()}
+            # A band is done when its image and then its side file (rows, probabilities) were written.
+            for i in range(grid.n_rows):
+                side = outs.work / f"band_{i:05d}.json"
+                if side.is_file() and (outs.work / f"band_{i:05d}.png").is_file():
+                    done[i] = json.loads(side.read_text())
         else:
             remove_tree(outs.work)
-        outs.work.mkdir(parents=True, exist_ok=True)
-        state = {"format": PROGRESS_FORMAT, "settings": settings, "done": {str(k): v for k, v in done.items()}}
-        write_json(progress_path, state)
+            outs.work.mkdir(parents=True, exist_ok=True)
+            write_json(progress_path, {"format": PROGRESS_FORMAT, "settings": settings})
 
         probs_grid: list[list[list[float] | None]] = [[None] * grid.n_cols for _ in range(grid.n_rows)]
         for i, v in done.items():
@@ -620,8 +667,7 @@ def translate_slide(
                     band = np.clip(rows * 255.0 + 0.5, 0, 255).astype(np.uint8)
                     _save_band(outs.work / f"band_{i:05d}.png", band)
                     probs_grid[i] = row_probs
-                    state["done"][str(i)] = {"rows": [start, end], "probs": row_probs}
-                    write_json(progress_path, state)
+                    write_json(outs.work / f"band_{i:05d}.json", {"rows": [start, end], "probs": row_probs})
                     yield band
 
         try:
@@ -759,10 +805,9 @@ def heatmap_grid(probs_grid: list[list[list[float] | None]]) -> np.ndarray:
 def write_heatmap(path: Path, thumb: np.ndarray, mask: np.ndarray, plan: SlidePlan,
                   probs_grid: list[list[list[float] | None]], names: Sequence[str], title: str = "") -> None:
     """H&E thumbnail beside the expected-level heat map (nearest tile centre per pixel, tissue only)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # An Agg canvas of its own: no pyplot, so the user's backend (e.g. Jupyter's) is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     grid = plan.grid
     values = heatmap_grid(probs_grid)
@@ -781,7 +826,9 @@ def write_heatmap(path: Path, thumb: np.ndarray, mask: np.ndarray, plan: SlidePl
     heat = values[iy[:, None], ix[None, :]]
     heat[~mask] = np.nan
     gray = thumb.mean(axis=-1) / 255.0
-    fig, axes = plt.subplots(1, 2, figsize=(10, min(5.0 * th / max(tw, 1), 12.0) + 0.8), dpi=80)
+    fig = Figure(figsize=(10, min(5.0 * th / max(tw, 1), 12.0) + 0.8), dpi=80)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     axes[0].imshow(thumb, interpolation="nearest")
     axes[0].set_title("H&E")
     axes[1].imshow(gray, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -797,7 +844,6 @@ def write_heatmap(path: Path, thumb: np.ndarray, mask: np.ndarray, plan: SlidePl
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     from ..io import write_bytes
 
     write_bytes(path, buf.getvalue())
