@@ -2,7 +2,7 @@
 
 Creates N pairs in the BCI shape — 1024 px ground truth, 512 px prediction (resized back up by the
 evaluation, as for the paper's 512 px generator) — from smooth random stain-concentration fields
-rendered by Beer–Lambert, then times :func:`derestainer.metrics.evaluate.evaluate` without an
+rendered by Beer–Lambert, then times :func:`derestainer.evaluation.evaluate` without an
 evaluator classifier. Image creation is not timed; reading the PNGs is (it is part of evaluating).
 
     nice -n 10 python scripts/bench_evaluate.py --n 200 --workers 2
@@ -33,7 +33,7 @@ def _field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
 
 def make_pair(rng: np.random.Generator, gt_size: int = 1024, pred_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """An IHC-like ground truth (H blobs, DAB patches) and an imperfect, half-size "prediction" of it."""
-    from derestainer.stain import hed_to_rgb_np
+    from derestainer.stain import hed_to_rgb_np  # here: --help answers without loading torch
 
     h = np.clip(_field(rng, gt_size, 96) * 2.0 - 0.9, 0, None) * 0.06
     dab = np.clip(_field(rng, gt_size, 24) * 2.5 - 1.4, 0, None) * rng.uniform(0.0, 0.1)
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from derestainer.metrics.evaluate import evaluate
+    from derestainer.evaluation import evaluate  # after parsing: --help answers without loading torch
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data if args.data is not None else Path(tmp)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from derestainer.core.io import list_images, read_image, write_bytes, write_json
 from derestainer.data import synth_calibration as C
 from derestainer.data.synth import level_name, render_pair
-from derestainer.io import list_images, read_image, write_bytes, write_json
 from derestainer.stain import stain_concentration_np
 
 REPO = Path(__file__).resolve().parents[1]

@@ -117,7 +117,7 @@ fi
 "$PY" - "$OUT" > "$OUT/summary.md" 2>>"$OUT/summary_errors.txt" <<'EOF'
 import sys
 from pathlib import Path
-from derestainer.bench import summary_table
+from derestainer.speed import summary_table
 print(summary_table(sorted(Path(sys.argv[1]).glob("bench_*.json"))))
 EOF
 [ $? -eq 0 ] || { echo "summary: FAILED" >> "$STATUS"; FAILED=1; }

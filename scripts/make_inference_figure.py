@@ -36,21 +36,17 @@ def main() -> None:
                     help="what the model is, printed in the figure")
     args = ap.parse_args()
 
+    # imported after parsing, so that --help answers without loading matplotlib and torch
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import tifffile
 
-    from derestainer.inference.patches import load_model
-    from derestainer.inference.wsi import (
-        SlideOptions,
-        heatmap_grid,
-        open_slide,
-        plan_slide,
-        read_model_region,
-        translate_slide,
-    )
+    from derestainer.inference import SlideOptions, load_model, translate_slide
+    from derestainer.inference.plan import plan_slide, read_model_region
+    from derestainer.inference.slide_outputs import heatmap_grid
+    from derestainer.inference.slides import open_slide
 
     lm = load_model(args.checkpoint, "cpu")
     with tempfile.TemporaryDirectory() as tmp:

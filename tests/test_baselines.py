@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from derestainer.config import load_config
+from derestainer.core.config import load_config
 from derestainer.models.base import GenOutput
 from derestainer.models.baselines import ResnetBlock, ResnetGenerator
 from derestainer.models.registry import create_generator, list_generators
@@ -139,7 +139,7 @@ def test_bad_arguments() -> None:
 
 
 def test_save_load_roundtrip(tmp_path) -> None:
-    from derestainer.training.checkpoint import load_generator, save_generator
+    from derestainer.models.files import load_generator, save_generator
 
     torch.manual_seed(0)
     cfg = load_config("pyramidpix2pix", TINY)

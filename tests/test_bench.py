@@ -1,4 +1,4 @@
-"""``derestainer bench`` and scripts/gpu_check.sh: they run, and write what they document. No timing assertions."""
+"""``derestainer bench`` (:mod:`derestainer.speed`) and scripts/gpu_check.sh: they run, and write what they document. No timing assertions."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from derestainer.bench import (
+from derestainer.cli import main
+from derestainer.core.config import load_config
+from derestainer.models.registry import create_generator
+from derestainer.speed import (
     PATH_KEYS,
     RESULT_KEYS,
     SUMMARY_KEYS,
@@ -28,9 +31,6 @@ from derestainer.bench import (
     summary_table,
     time_paths,
 )
-from derestainer.cli import main
-from derestainer.config import load_config
-from derestainer.models.registry import create_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,6 +99,16 @@ def test_cli_rejects_bad_input(tmp_path: Path) -> None:
     assert r.exit_code != 0 and "multiple of 8" in r.output
     r = CliRunner().invoke(main, ["bench", "--compare", "--eager", "--quick"])
     assert r.exit_code != 0
+
+
+def test_device_choice_is_the_shared_rule() -> None:
+    # derestainer.core.device.resolve_device decides; its DeviceError reaches the user as one line
+    from derestainer.core.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="unknown device"):
+        run_bench(BenchSpec(model="tiny", size=32, device="nonsense", warmup=0, iters=1))
+    r = CliRunner().invoke(main, ["bench", "--model", "tiny", "--quick", "--device", "nonsense"])
+    assert r.exit_code == 1 and "unknown device" in r.output and "Traceback" not in r.output
 
 
 def test_forward_flops_on_meta_equal_a_real_forward() -> None:

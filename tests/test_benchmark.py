@@ -13,7 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 import derestainer.benchmark as bm
-from derestainer.config import load_config, preset_names
+from derestainer.benchmark import stages
+from derestainer.core.config import load_config, preset_names
+from derestainer.core.levels import level_from_name
 
 # --------------------------------------------------------------------------------------------------
 # Configs
@@ -46,6 +48,21 @@ def test_model_config_keeps_the_base_widths() -> None:
     ov = ["pix2pix:model.ngf=16", "train.seed=3"]
     assert bm.model_config("pix2pix", "tiny", ov).model.ngf == 16 and bm.model_config("pix2pix", "tiny", ov).train.seed == 3
     assert bm.model_config("no_dab", "tiny", ov).model.ngf == 8 and bm.model_config("no_dab", "tiny", ov).train.seed == 3
+
+
+def test_benchmark_and_speed_compose_configs_in_one_place() -> None:
+    from derestainer.core.config import compose_model_config
+    from derestainer.core.errors import ConfigError
+    from derestainer.speed import BenchSpec, resolve_config
+
+    ov = ("pix2pix:model.ngf=16", "train.lr=1e-3")
+    assert bm.model_config("pix2pix", "tiny", ov) == compose_model_config("pix2pix", "tiny", ov)
+    assert resolve_config(BenchSpec(model="pix2pix", base="tiny", overrides=ov)) == compose_model_config("pix2pix", "tiny", ov)
+    with pytest.raises(ConfigError, match="nonexistent") as err:
+        compose_model_config("nonexistent")
+    with pytest.raises(bm.BenchmarkError) as err2:  # the benchmark reports it as its own, same words
+        bm.model_config("nonexistent")
+    assert str(err2.value) == str(err.value)
 
 
 def test_run_config_applies_the_budget(tmp_path: Path) -> None:
@@ -125,8 +142,10 @@ def test_flatten_metrics() -> None:
     assert bm.flatten_metrics({"n_images": 1, "pixel": {"ssim": {"mean": 1.0}, "psnr": {"mean": None}}}) == {"n_images": 1, "ssim": 1.0}
 
 
-def test_level_of() -> None:
-    assert [bm.level_of(n) for n in ("00001_test_0.png", "00002_test_1+.png", "3_train_3+.jpg", "x.png")] == [0, 1, 3, -1]
+def test_levels_of_bci_names() -> None:
+    # the benchmark reads levels with derestainer.core.levels (its figure picks one image per level)
+    names = ("00001_test_0.png", "00002_test_1+.png", "3_train_3+.jpg", "x.png")
+    assert [level_from_name(n) for n in names] == [0, 1, 3, None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +182,7 @@ def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
         raise AssertionError("this stage must not run again")
 
     for n in names:
-        monkeypatch.setattr(bm, n, boom)
+        monkeypatch.setattr(stages, n, boom)
 
 
 def test_end_to_end_writes_table_figure_json(real_run: tuple[Path, dict]) -> None:
@@ -181,7 +200,7 @@ def test_end_to_end_writes_table_figure_json(real_run: tuple[Path, dict]) -> Non
     assert ev["trained_by_benchmark"] and cmp["trained_by_benchmark"]
     assert ev["settings"]["seed"] != cmp["settings"]["seed"]
     assert {ev["settings"]["subset"], cmp["settings"]["subset"]} == {"even", "odd"}
-    from derestainer.training.checkpoint import read_meta
+    from derestainer.core.fileformat import read_meta
 
     assert read_meta(ev["path"])["train_images_hash"] != read_meta(cmp["path"])["train_images_hash"]
     # only DeReStainer uses the comparator
@@ -197,7 +216,7 @@ def test_end_to_end_writes_table_figure_json(real_run: tuple[Path, dict]) -> Non
 
     g = create_generator(bm.model_config("pix2pix", "tiny").model)
     assert results["runs"][1]["generator_params"] == sum(p.numel() for p in g.parameters())
-    from derestainer.io import read_image
+    from derestainer.core.io import read_image
 
     fig = read_image(out / "figure.png")
     assert fig.ndim == 3 and fig.shape[0] > fig.shape[1] / 2  # 4 rows (levels) × 4 columns
@@ -208,7 +227,7 @@ def test_rerun_skips_finished_runs(real_run: tuple[Path, dict], synth: Path, tmp
     out0, first = real_run
     out = tmp_path / "bench"
     shutil.copytree(out0, out)
-    _forbid(monkeypatch, "_train_generator", "_translate", "_evaluate", "_train_classifier")
+    _forbid(monkeypatch, "train_generator", "translate_split", "evaluate_predictions", "train_classifier")
     again = bm.run_benchmark(_spec(synth, out), log=lambda m: None)
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in first["runs"]]
 
@@ -216,7 +235,7 @@ def test_rerun_skips_finished_runs(real_run: tuple[Path, dict], synth: Path, tmp
 def test_changed_budget_is_refused(real_run: tuple[Path, dict], synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "bench"
     shutil.copytree(real_run[0], out)
-    _forbid(monkeypatch, "_train_generator", "_translate", "_evaluate")
+    _forbid(monkeypatch, "train_generator", "translate_split", "evaluate_predictions")
     with pytest.raises(bm.BenchmarkError, match="another configuration"):
         bm.run_benchmark(_spec(synth, out, steps=3), log=lambda m: None)
 
@@ -228,7 +247,7 @@ def test_new_evaluator_reevaluates_without_retraining(
     shutil.copytree(real_run[0], out)
     first = real_run[1]
     # pred/ is complete and the generator unchanged: not translated again either
-    _forbid(monkeypatch, "_train_generator", "_train_classifier", "_translate")
+    _forbid(monkeypatch, "train_generator", "train_classifier", "translate_split")
     # another evaluator: the benchmark's comparator (a different classifier) given as --evaluator
     other = out / "classifiers" / "comparator.safetensors"
     res = bm.run_benchmark(_spec(synth, out, models=("pix2pix",), evaluator=other), log=lambda m: None)
@@ -246,19 +265,19 @@ def test_failed_evaluation_does_not_cost_a_retraining(
     shutil.copytree(real_run[0], out)
     (out / "runs" / "pix2pix" / "seed0" / "done.json").unlink()  # as if evaluation had crashed
     assert not (out / "runs" / "pix2pix" / "seed0" / "train" / "checkpoints").exists()  # pruned after training
-    _forbid(monkeypatch, "_train_generator", "_train_classifier")
+    _forbid(monkeypatch, "train_generator", "train_classifier")
     # pred/ lacks one image (as if translation had crashed): translated again, once
     pred = sorted((out / "runs" / "pix2pix" / "seed0" / "pred").glob("*.png"))
     assert len(pred) == 8
     pred[0].unlink()
     calls: list[Path] = []
-    real_translate = bm._translate
+    real_translate = stages.translate_split
 
     def counting_translate(generator, he_dir, out_dir, *a, **k):
         calls.append(out_dir)
         return real_translate(generator, he_dir, out_dir, *a, **k)
 
-    monkeypatch.setattr(bm, "_translate", counting_translate)
+    monkeypatch.setattr(stages, "translate_split", counting_translate)
     res = bm.run_benchmark(_spec(synth, out, models=("pix2pix",)), log=lambda m: None)
     assert len(calls) == 1 and pred[0].is_file()
     assert res["runs"][0]["metrics"] == real_run[1]["runs"][1]["metrics"]
@@ -268,8 +287,8 @@ def test_seeds_give_mean_and_std(synth: Path, tmp_path: Path, monkeypatch: pytes
     """Stubbed stages: 3 seeds of one model; the table shows mean ± sample std of the per-seed values."""
     import torch
 
+    from derestainer.models.files import save_generator
     from derestainer.models.registry import create_generator
-    from derestainer.training.checkpoint import save_generator
 
     def fake_train(cfg, run_dir, log):
         torch.manual_seed(cfg.train.seed)
@@ -284,11 +303,11 @@ def test_seeds_give_mean_and_std(synth: Path, tmp_path: Path, monkeypatch: pytes
         seed = int(pred_dir.parent.name.removeprefix("seed"))
         return {"ssim": 0.5 + 0.1 * seed, "psnr": 20.0, "top1": 0.25}
 
-    monkeypatch.setattr(bm, "_train_generator", fake_train)
-    monkeypatch.setattr(bm, "_translate", fake_translate)
-    monkeypatch.setattr(bm, "_evaluate", fake_eval)
+    monkeypatch.setattr(stages, "train_generator", fake_train)
+    monkeypatch.setattr(stages, "translate_split", fake_translate)
+    monkeypatch.setattr(stages, "evaluate_predictions", fake_eval)
     ev = tmp_path / "ev.safetensors"
-    ev.write_bytes(b"stand-in")  # only its digest is read when _evaluate is stubbed
+    ev.write_bytes(b"stand-in")  # only its digest is read when the evaluate stage is stubbed
     res = bm.run_benchmark(_spec(synth, tmp_path / "o", models=("pyramidpix2pix",), seeds=(0, 1, 2), evaluator=ev),
                            log=lambda m: None)
     s = res["summary"]["pyramidpix2pix"]["ssim"]
@@ -300,8 +319,8 @@ def test_seeds_give_mean_and_std(synth: Path, tmp_path: Path, monkeypatch: pytes
 def _stub_stages(monkeypatch: pytest.MonkeyPatch, evals: list[dict]) -> None:
     import torch
 
+    from derestainer.models.files import save_generator
     from derestainer.models.registry import create_generator
-    from derestainer.training.checkpoint import save_generator
 
     def fake_train(cfg, run_dir, log):
         torch.manual_seed(cfg.train.seed)
@@ -316,15 +335,15 @@ def _stub_stages(monkeypatch: pytest.MonkeyPatch, evals: list[dict]) -> None:
         evals.append({"model": pred_dir.parent.parent.name, "evaluator": evaluator, "comparator": comparator})
         return {"ssim": 0.5}
 
-    monkeypatch.setattr(bm, "_train_generator", fake_train)
-    monkeypatch.setattr(bm, "_translate", fake_translate)
-    monkeypatch.setattr(bm, "_evaluate", fake_eval)
+    monkeypatch.setattr(stages, "train_generator", fake_train)
+    monkeypatch.setattr(stages, "translate_split", fake_translate)
+    monkeypatch.setattr(stages, "evaluate_predictions", fake_eval)
 
 
 def test_evaluation_gets_the_comparator_for_independence_checks(
     synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_evaluate = bm._evaluate
+    real_evaluate = stages.evaluate_predictions
     evals: list[dict] = []
     _stub_stages(monkeypatch, evals)
     ev, cmp = tmp_path / "ev.safetensors", tmp_path / "cmp.safetensors"
@@ -335,16 +354,12 @@ def test_evaluation_gets_the_comparator_for_independence_checks(
     assert by_model["derestainer"]["comparator"] == cmp  # trained against it: checked for independence
     assert by_model["pix2pix"]["comparator"] is None  # no comparator in its training
 
-    # _evaluate hands it on to evaluate(), where independence_warnings runs
-    import derestainer.metrics.evaluate as E
-    import derestainer.metrics.report as R
-
-    seen: dict = {}
-
+    # the evaluate stage hands it on to evaluate(), where independence_warnings runs
     from types import SimpleNamespace
 
-    monkeypatch.setattr(E, "evaluate", lambda *a, **k: seen.update(k) or SimpleNamespace(metrics={"n_images": 1}))
-    monkeypatch.setattr(R, "write_report", lambda *a, **k: None)
+    seen: dict = {}
+    monkeypatch.setattr(stages, "evaluate", lambda *a, **k: seen.update(k) or SimpleNamespace(metrics={"n_images": 1}))
+    monkeypatch.setattr(stages, "write_report", lambda *a, **k: None)
     real_evaluate(tmp_path, tmp_path, ev, tmp_path / "eval", "cpu", 1, lambda m: None, comparator=cmp)
     assert seen["comparator"] == str(cmp) and seen["classifier"] == str(ev)
     real_evaluate(tmp_path, tmp_path, ev, tmp_path / "eval", "cpu", 1, lambda m: None)
@@ -352,7 +367,7 @@ def test_evaluation_gets_the_comparator_for_independence_checks(
 
 
 def test_same_evaluator_and_comparator_is_refused(synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _forbid(monkeypatch, "_train_generator", "_translate", "_evaluate", "_train_classifier")
+    _forbid(monkeypatch, "train_generator", "translate_split", "evaluate_predictions", "train_classifier")
     ev, cmp = tmp_path / "ev.safetensors", tmp_path / "copy_of_ev.safetensors"
     ev.write_bytes(b"one classifier")
     cmp.write_bytes(b"one classifier")  # another file, same bytes

@@ -10,6 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from derestainer.core.errors import CheckpointError, ClassifierDataError
+from derestainer.core.fileformat import save_tensors
+from derestainer.core.levels import confusion_matrix
 from derestainer.models.classifier import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -23,20 +26,10 @@ from derestainer.models.classifier import (
     save_classifier,
 )
 from derestainer.stain.functional import hed_to_rgb
-from derestainer.training.checkpoint import CheckpointError, save_tensors
-from derestainer.training.classifier import (
-    ClassifierDataError,
-    augment_batch,
-    classification_metrics,
-    confusion_matrix,
-    fit_classifier,
-    format_confusion,
-    lr_lambda,
-    report_path,
-    stratified_split,
-    subset_indices,
-    train_classifier,
-)
+from derestainer.training.classifier import fit_classifier, report_path, train_classifier
+from derestainer.training.classifier_data import stratified_split, subset_indices
+from derestainer.training.classifier_loop import augment_batch, lr_lambda
+from derestainer.training.classifier_metrics import classification_metrics, format_confusion
 
 # --------------------------------------------------------------------------------------------------
 # Synthetic IHC-like data: hematoxylin texture everywhere, DAB amplitude growing with the level.
@@ -462,7 +455,7 @@ def test_training_resizes_and_counts_epochs() -> None:
 
 
 def _write_bci(root: Path, n_per_level: dict[str, int], size: int = 32) -> None:
-    from derestainer.io import write_image
+    from derestainer.core.io import write_image
 
     k = 0
     for split, n in n_per_level.items():
@@ -488,7 +481,7 @@ def test_cli_train_classifier(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "accuracy" in res.output and "true\\pred" in res.output
-    model, meta = load_classifier(out)
+    _model, meta = load_classifier(out)
     assert meta["arch"] == "tiny" and meta["seed"] == 3 and meta["size"] == 32 and meta["n_train"] == 32
     assert meta["n_val"] == 16 and np.asarray(meta["confusion"]).sum() == 16
     assert meta["accuracy"] >= 0.9

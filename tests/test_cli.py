@@ -7,8 +7,8 @@ import sys
 
 from click.testing import CliRunner
 
-from derestainer import __version__
 from derestainer.cli import main
+from derestainer.core.version import __version__
 
 EXPECTED = {"demo", "synth", "separate", "train-classifier", "train", "export", "translate", "translate-slide",
             "evaluate", "benchmark", "bench"}
@@ -37,3 +37,32 @@ def test_version_and_module_entry_point() -> None:
 def test_unknown_command_is_a_clear_error() -> None:
     res = CliRunner().invoke(main, ["translat"])
     assert res.exit_code != 0 and "No such command" in res.output
+
+
+def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback() -> None:
+    """The group maps every DerestainerError to ``Error: ...`` in one place; other exceptions are bugs."""
+    import click
+
+    from derestainer.core.errors import CheckpointError, ConfigError
+
+    @click.command("raise-for-test")
+    @click.argument("what")
+    def raiser(what: str) -> None:
+        if what == "config":
+            raise ConfigError("x.yaml: expected a mapping")
+        if what == "checkpoint":
+            err = CheckpointError("m.safetensors: not a generator")
+            err.exit_code = 2
+            raise err
+        raise KeyError("a bug")
+
+    main.add_command(raiser)
+    try:
+        res = CliRunner().invoke(main, ["raise-for-test", "config"])
+        assert res.exit_code == 1 and res.output == "Error: x.yaml: expected a mapping\n"
+        res = CliRunner().invoke(main, ["raise-for-test", "checkpoint"])
+        assert res.exit_code == 2 and res.output.strip() == "Error: m.safetensors: not a generator"
+        res = CliRunner().invoke(main, ["raise-for-test", "bug"])
+        assert res.exit_code == 1 and isinstance(res.exception, KeyError)
+    finally:
+        main.commands.pop("raise-for-test")

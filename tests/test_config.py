@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from derestainer.config import Config, ConfigError, dump_yaml, from_dict, load_config, preset_names, replace, to_dict
+from derestainer.core.config import Config, dump_yaml, from_dict, load_config, preset_names, replace, to_dict
+from derestainer.core.errors import ConfigError
 
 
 def test_paper_preset_holds_the_papers_numbers() -> None:
@@ -52,3 +53,15 @@ def test_round_trip_and_yaml_file(tmp_path) -> None:
     assert m.train.steps == 12 and m.model.ngf == 8
     assert replace(m, train={"steps": 3}).train.steps == 3
     assert isinstance(Config(), Config)
+
+
+def test_mode_fields_accept_their_values_and_yaml_on_off() -> None:
+    """``--set train.amp=off`` (the NaN-abort advice) and ``tensorboard=off`` survive YAML's off → false."""
+    cfg = load_config("tiny", ["train.amp=off", "train.tensorboard=off"])
+    assert cfg.train.amp == "off" and cfg.train.tensorboard == "off"
+    assert load_config("tiny", ["train.amp=bf16"]).train.amp == "bf16"
+    assert load_config("tiny", ["train.tensorboard=on"]).train.tensorboard == "on"
+    with pytest.raises(ConfigError, match=r"train.amp: expected one of auto, bf16, off, got 'fp16'"):
+        load_config("tiny", ["train.amp=fp16"])
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config("tiny", ["train.amp=on"])

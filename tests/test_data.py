@@ -12,28 +12,26 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-from derestainer.config import DataConfig
+from derestainer.core.config import DataConfig
+from derestainer.core.errors import DatasetError, ImageReadError, PairSizeError
+from derestainer.core.levels import parse_bci_level
 from derestainer.data import (
     BCIDataset,
-    DatasetError,
     MISTDataset,
     PairedFolderDataset,
     PairedTransform,
     PairParams,
-    PairSizeError,
     apply_params,
     build_dataset,
     check,
     from_model_space,
     pair_level_counts,
-    parse_bci_level,
     resize_uint8,
     resized_shape,
     sample_params,
     to_model_space,
 )
 from derestainer.data import datasets as dsmod
-from derestainer.io import ImageReadError
 
 LABELS = ["0", "1+", "2+", "3+"]
 
@@ -428,8 +426,8 @@ def test_cached_pairs_are_not_changed_by_callers(tmp_path) -> None:
     """A caller writing into an item must not corrupt the cache for later epochs."""
     import numpy as np
 
+    from derestainer.core.io import write_image
     from derestainer.data import BCIDataset
-    from derestainer.io import write_image
 
     rng = np.random.default_rng(0)
     for split in ("train", "test"):

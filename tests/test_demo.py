@@ -7,8 +7,8 @@ import json
 from click.testing import CliRunner
 
 from derestainer.cli import main
-from derestainer.io import read_image
-from derestainer.training.checkpoint import read_meta
+from derestainer.core.fileformat import read_meta
+from derestainer.core.io import read_image
 
 
 def test_demo_runs_end_to_end_and_resumes(tmp_path) -> None:

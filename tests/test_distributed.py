@@ -11,14 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from test_train import tiny_cfg, write_pairs
 
-from derestainer.training.distributed import (
-    DistEnv,
-    free_port,
-    init_distributed,
-    resolve_device,
-)
+from derestainer.core.device import resolve_device
+from derestainer.training.distributed import DistEnv, free_port, init_distributed
+from test_train import tiny_cfg, write_pairs
 
 
 def _rank_main(rank: int, world: int, port: int, data: str, out: str) -> None:

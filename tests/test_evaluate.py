@@ -16,17 +16,11 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
 from derestainer.cli import main
-from derestainer.io import ImageReadError, write_image
+from derestainer.core.errors import EvaluationError, ImageReadError, LabelError
+from derestainer.core.io import write_image
+from derestainer.core.levels import confusion_matrix, level_from_name, parse_level, read_labels_csv
+from derestainer.evaluation import evaluate, match_pairs, write_report
 from derestainer.metrics import semantic
-from derestainer.metrics.evaluate import (
-    EvaluationError,
-    evaluate,
-    level_from_name,
-    match_pairs,
-    parse_level,
-    read_labels_csv,
-)
-from derestainer.metrics.report import write_report
 
 LEVELS = ("0", "1+", "2+", "3+")
 
@@ -85,11 +79,13 @@ def test_levels_from_bci_names_and_csv(tmp_path):
     assert read_labels_csv(good) == {"a": 3, "b": 0}
     bad = tmp_path / "bad.csv"
     bad.write_text("name,level\na.png,4+\n")
-    with pytest.raises(EvaluationError, match=r"bad\.csv, line 2.*4\+"):
+    with pytest.raises(LabelError, match=r"bad\.csv:2.*4\+"):  # the one label-CSV format (core.levels)
         read_labels_csv(bad)
-    with pytest.raises(EvaluationError, match="columns"):
-        (tmp_path / "nohdr.csv").write_text("a.png,1+\n")
-        read_labels_csv(tmp_path / "nohdr.csv")
+    (tmp_path / "nohdr.csv").write_text("a.png,1+\n")  # the header is optional
+    assert read_labels_csv(tmp_path / "nohdr.csv") == {"a": 1}
+    with pytest.raises(LabelError, match=r"short\.csv:2.*name,level"):
+        (tmp_path / "short.csv").write_text("name,level\na.png\n")
+        read_labels_csv(tmp_path / "short.csv")
 
 
 def test_missing_and_extra_predictions_are_errors_naming_them(tmp_path, rng):
@@ -220,7 +216,7 @@ def test_semantic_metrics_end_to_end_equal_the_pure_function(tmp_path, rng):
         assert sem[k] == pytest.approx(ref[k]), k
         assert sem["include_self"][k] == pytest.approx(inc[k]), k
     logits = model(prepare_images(torch.from_numpy(np.stack([np.asarray(Image.open(gt / f"{n}.png").convert("RGB")) for n in names])).permute(0, 3, 1, 2), 16))
-    cm = semantic.confusion_matrix(y, logits.argmax(1).numpy())
+    cm = confusion_matrix(y, logits.argmax(1).numpy())
     assert sem["direct"]["confusion_ground_truth"] == cm.tolist()
 
 

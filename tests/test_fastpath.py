@@ -15,20 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from derestainer.config import load_config
-from derestainer.inference import optimize as opt_mod
+from derestainer.core.config import load_config
+from derestainer.inference import precision as opt_mod
 from derestainer.inference.optimize import (
     EAGER,
     FastPathOptions,
     FP32Island,
     count_batchnorm,
-    default_precision,
     eager_model,
     fold_batchnorm,
     inplace_activations,
-    native_cpu_bf16,
     optimize_for_inference,
 )
+from derestainer.inference.precision import default_precision, native_cpu_bf16
 from derestainer.layers.modulated_conv import (
     ModulatedConv2d,
     demodulation_coefficients,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from derestainer.io import ImageReadError, atomic_path, list_images, read_image, write_image, write_json
+from derestainer.core.errors import ImageReadError
+from derestainer.core.io import atomic_path, list_images, read_image, write_image, write_json
 
 
 def test_rgb_round_trip(tmp_path, rng) -> None:
@@ -53,10 +56,9 @@ def test_truncated_missing_and_garbage_name_the_file(tmp_path, rng) -> None:
 def test_atomic_write_leaves_nothing_on_failure(tmp_path) -> None:
     target = tmp_path / "out.json"
     write_json(target, {"ok": 1})
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
     assert target.read_text().strip().startswith("{") and '"ok": 1' in target.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
@@ -88,3 +90,26 @@ def test_atomic_outputs_get_normal_permissions(tmp_path) -> None:
     finally:
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "p.json").stat().st_mode) == 0o640
+
+
+def test_jsonable_is_plain_json_with_a_chosen_nonfinite_rule() -> None:
+    import dataclasses
+    import json
+    import math
+
+    import torch
+
+    from derestainer.core.io import jsonable
+
+    @dataclasses.dataclass
+    class Rec:
+        x: float
+        where: Path
+
+    obj = {1: (np.float32(2.5), np.int64(3), np.bool_(True), torch.tensor(1.5), torch.tensor([1, 2]),
+               np.array([[1.0, np.nan]]), Rec(float("inf"), Path("a")))}
+    strict = jsonable(obj, "null")
+    assert strict == {"1": [2.5, 3, True, 1.5, [1, 2], [[1.0, None]], {"x": None, "where": "a"}]}
+    json.dumps(strict, allow_nan=False)  # any strict parser reads it
+    kept = jsonable([float("nan"), np.float64("-inf")])
+    assert math.isnan(kept[0]) and kept[1] == -math.inf and type(kept[1]) is float

@@ -13,7 +13,7 @@ from skimage.color import hed2rgb, rgb2hed
 from skimage.metrics import structural_similarity
 
 from derestainer import losses
-from derestainer.config import LossConfig, load_config
+from derestainer.core.config import LossConfig, load_config
 from derestainer.losses import (
     GeneratorLoss,
     active_terms,

@@ -11,7 +11,8 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter, zoom
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from derestainer.io import read_image
+from derestainer.core.io import read_image
+from derestainer.core.levels import confusion_matrix
 from derestainer.metrics import fid as F
 from derestainer.metrics import pixel, semantic, stain
 from derestainer.stain import hed_to_rgb_np
@@ -175,10 +176,10 @@ def test_knn_clipped_to_library_size_and_confusion_matrix(rng):
     assert m["knn_k"] == 4 and m["topk_k"]["top5"] == 4
     t = rng.integers(0, 4, 50)
     p = rng.integers(0, 4, 50)
-    cm = semantic.confusion_matrix(t, p)
+    cm = confusion_matrix(t, p)
     for i, j in itertools.product(range(4), range(4)):
         assert cm[i, j] == np.sum((t == i) & (p == j))
-    assert semantic.confusion_matrix([0, -1], [1, 2]).sum() == 1  # unknown levels skipped
+    assert confusion_matrix([0, -1], [1, 2]).sum() == 1  # unknown levels skipped
 
 
 def test_l2_normalisation_makes_scale_irrelevant(rng):
@@ -196,7 +197,7 @@ def test_l2_normalisation_makes_scale_irrelevant(rng):
 
 
 def test_stain_od_recovers_known_dab_amount():
-    assert stain.OD_SCALE == pytest.approx(6.0)
+    assert pytest.approx(6.0) == stain.OD_SCALE
     hed = np.zeros((8, 8, 3))
     hed[..., 2] = 0.5 / 6.0  # DAB OD10 of 0.5
     hed[:4, :, 0] = 0.2 / 6.0  # H OD10 of 0.2 on the top half

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from derestainer.config import LossConfig, ModelConfig, load_config
+from derestainer.core.config import LossConfig, ModelConfig, load_config
+from derestainer.core.ranges import signed_to_unit, unit_to_signed
 from derestainer.layers import simam
 from derestainer.losses import generator_losses
 from derestainer.models.base import GenOutput
@@ -24,7 +25,7 @@ from derestainer.models.discriminator import (
 from derestainer.models.fusion import FusionBlock
 from derestainer.models.generator import DeReStainer, build_generator
 from derestainer.models.registry import create_generator, list_generators
-from derestainer.stain import RGB_FROM_HED, model_to_unit, stain_channel, unit_to_model
+from derestainer.stain import RGB_FROM_HED, stain_channel
 
 TINY = dict(ngf=8, n_fusion_blocks=2)
 
@@ -79,11 +80,11 @@ def test_generator_refuses_bad_sizes_and_instance_norm():
 def test_encoder_input_is_the_h_channel_image():
     g = DeReStainer(**TINY)
     x = _images(2, 32)
-    expected = unit_to_model(stain_channel(model_to_unit(x), "h"))
+    expected = unit_to_signed(stain_channel(signed_to_unit(x), "h"))
     torch.testing.assert_close(g.destainer.encoder_in(x), expected, rtol=1e-5, atol=1e-5)
     g6 = DeReStainer(encoder_input="h+rgb", **TINY)
     torch.testing.assert_close(g6.destainer.encoder_in(x), torch.cat([expected, x], 1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g.stain_image(x, "dab"), unit_to_model(stain_channel(model_to_unit(x), "dab")),
+    torch.testing.assert_close(g.stain_image(x, "dab"), unit_to_signed(stain_channel(signed_to_unit(x), "dab")),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -220,7 +221,7 @@ def test_stain_matrix_from_files(tmp_path):
 
 
 def test_registry_and_save_load_roundtrip(tmp_path):
-    from derestainer.training.checkpoint import load_generator, save_generator
+    from derestainer.models.files import load_generator, save_generator
 
     assert "derestainer" in list_generators()
     cfg = load_config("tiny")
@@ -279,7 +280,7 @@ def test_generator_on_cuda_bf16_channels_last():
     ihc = _images(2, 64, seed=2).cuda().contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = g(he, ihc)
-        total, terms = generator_losses(out, he, ihc, torch.tensor([1, 2], device="cuda"), None, None, None, LossConfig())
+        total, _terms = generator_losses(out, he, ihc, torch.tensor([1, 2], device="cuda"), None, None, None, LossConfig())
     assert total.dtype == torch.float32 and torch.isfinite(total)
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in g.parameters() if p.grad is not None)

@@ -9,7 +9,7 @@ import skimage.data
 import torch
 
 from derestainer import stain as S
-from derestainer.io import read_image
+from derestainer.core.io import read_image
 
 
 def _t(img_u8: np.ndarray, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -123,8 +123,10 @@ def test_missing_vector_completed_by_cross_product() -> None:
 def test_macenko_recovers_known_vectors() -> None:
     """Render an image from known H and DAB vectors; Macenko must find them again."""
     rng = np.random.default_rng(3)
-    h_vec = np.array([0.65, 0.70, 0.29]); h_vec /= np.linalg.norm(h_vec)
-    d_vec = np.array([0.27, 0.57, 0.78]); d_vec /= np.linalg.norm(d_vec)
+    h_vec = np.array([0.65, 0.70, 0.29])
+    h_vec /= np.linalg.norm(h_vec)
+    d_vec = np.array([0.27, 0.57, 0.78])
+    d_vec /= np.linalg.norm(d_vec)
     n = 4000
     ch = rng.gamma(2.0, 0.4, n) * (rng.random(n) < 0.7)
     cd = rng.gamma(2.0, 0.4, n) * (rng.random(n) < 0.7)
@@ -159,7 +161,7 @@ def test_separate_command_writes_channels_and_panel(tmp_path, ihc: np.ndarray) -
     from click.testing import CliRunner
 
     from derestainer.cli import main
-    from derestainer.io import write_image
+    from derestainer.core.io import write_image
 
     src = write_image(tmp_path / "ihc.png", ihc[:96, :96])
     res = CliRunner().invoke(main, ["separate", str(src), "--out", str(tmp_path / "out")])

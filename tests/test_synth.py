@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from scipy import ndimage as ndi
 
 from derestainer.cli import main
+from derestainer.core.io import read_image
 from derestainer.data import synth_layers as L
 from derestainer.data.synth import (
     SynthParams,
@@ -22,7 +23,6 @@ from derestainer.data.synth import (
     pair_seed,
     render_pair,
 )
-from derestainer.io import read_image
 from derestainer.stain import stain_concentration_np
 
 BCI_NAME = re.compile(r"^\d{5}_(train|test)_(0|1\+|2\+|3\+)\.png$")
@@ -299,8 +299,8 @@ def test_cli_writes_dataset_and_guards_stale_files(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- calibration
 
 def test_colours_near_real_images(real_data: Path) -> None:
+    from derestainer.core.io import list_images
     from derestainer.data import synth_calibration as C
-    from derestainer.io import list_images
 
     real_he = C.summarise(read_image(p) for p in list_images(real_data / "he"))
     real_ihc = [read_image(real_data / "ihc" / "skimage_ihc.png")]

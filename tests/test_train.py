@@ -21,27 +21,18 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from derestainer.cli import main
-from derestainer.config import load_config, replace
+from derestainer.core.config import load_config, replace
+from derestainer.core.errors import CheckpointError, TrainingError
+from derestainer.core.runs import checkpoint_dir, clean_incomplete, find_checkpoint, list_checkpoints
+from derestainer.models.files import load_generator
 from derestainer.training import loop as loop_mod
-from derestainer.training.checkpoint import CheckpointError, load_generator
+from derestainer.training import step as step_mod
 from derestainer.training.logging import SAMPLE_COLUMNS, read_jsonl, sample_grid
-from derestainer.training.loop import (
-    EpochSampler,
-    SeededPairs,
-    Trainer,
-    TrainingError,
-    train,
-)
-from derestainer.training.state import (
-    checkpoint_dir,
-    clean_incomplete,
-    flatten_state,
-    list_checkpoints,
-    prune_checkpoints,
-    resolve_checkpoint,
-    unflatten_state,
-    verify_checkpoint,
-)
+from derestainer.training.loop import Trainer, train
+from derestainer.training.plaindata import flatten_state, unflatten_state
+from derestainer.training.resume import write_checkpoint
+from derestainer.training.sampling import EpochSampler, SeededPairs
+from derestainer.training.state import prune_checkpoints, verify_checkpoint
 
 LABELS = ("0", "1+", "2+", "3+")
 SIZE = 32
@@ -148,7 +139,7 @@ def test_kill9_then_resume_equals_uninterrupted_run(data: Path, tmp_path: Path) 
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = resolve_checkpoint(run)
+    killed_at = find_checkpoint(run)
     assert verify_checkpoint(killed_at)["step"] < 12, "the run was not interrupted"
 
     # `--out RUN --resume` alone continues with the run's own config.yaml
@@ -158,14 +149,14 @@ def test_kill9_then_resume_equals_uninterrupted_run(data: Path, tmp_path: Path) 
     assert "resuming from" in done.stderr
 
     # same final step, every checkpoint complete and loadable, no temporary folder left
-    final = resolve_checkpoint(run)
+    final = find_checkpoint(run)
     assert json.loads((final / "state.json").read_text())["step"] == 12
     ckpts = list_checkpoints(run)
     assert ckpts and all(verify_checkpoint(c) for c in ckpts)
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     # weights, BatchNorm statistics and optimizer states equal those of the uninterrupted run, bit for bit
     for name in ("generator", "discriminator", "optim_g", "optim_d"):
-        a = load_file(resolve_checkpoint(ref) / f"{name}.safetensors")
+        a = load_file(find_checkpoint(ref) / f"{name}.safetensors")
         b = load_file(final / f"{name}.safetensors")
         assert a.keys() == b.keys()
         for k in a:
@@ -183,10 +174,10 @@ def test_resume_refuses_a_checkpoint_of_another_model(data: Path, tmp_path: Path
     train(cfg)
     other = replace(cfg, model={"ngf": 16})
     with pytest.raises(CheckpointError, match="model.ngf"):
-        Trainer(other, resume=True)
+        Trainer(other, resume="latest")
     # a new run never silently overwrites an existing one
     with pytest.raises(TrainingError, match="--resume"):
-        Trainer(cfg, resume=False)
+        Trainer(cfg, resume="new")
     # an explicit checkpoint folder
     assert Trainer(cfg, resume=checkpoint_dir(tmp_path / "run", 2)).state.step == 2
     # a generator file is not a run checkpoint
@@ -196,14 +187,14 @@ def test_resume_refuses_a_checkpoint_of_another_model(data: Path, tmp_path: Path
 
 # ----------------------------------------------------------------------------------- NaN handling
 def test_non_finite_losses_skip_steps_then_stop(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = loop_mod.generator_losses
+    real = step_mod.generator_losses
 
     def nan_losses(*args, **kwargs):
         total, terms = real(*args, **kwargs)
         terms = {**terms, "mae": terms["mae"] * float("nan")}
         return total * float("nan"), terms
 
-    monkeypatch.setattr(loop_mod, "generator_losses", nan_losses)
+    monkeypatch.setattr(step_mod, "generator_losses", nan_losses)
     cfg = tiny_cfg(data, tmp_path / "run", steps=20, max_bad_steps=3, log_every=10)
     tr = Trainer(cfg)
     before = _params(tr.generator)
@@ -248,7 +239,7 @@ def test_resume_across_world_sizes_and_older_configs(data: Path, tmp_path: Path)
 
     def resume_with(**changes: object) -> Trainer:
         state_file.write_text(json.dumps({**orig, **changes}))
-        return Trainer(cfg, resume=True)
+        return Trainer(cfg, resume="latest")
 
     # written by 2 ranks at the start of an epoch: nothing to skip, the epoch is kept
     tr = resume_with(world_size=2, epoch=1, batch_in_epoch=0)
@@ -265,7 +256,7 @@ def test_resume_across_world_sizes_and_older_configs(data: Path, tmp_path: Path)
     # a single-process checkpoint from before per-rank RNG states (one dict) still loads
     assert resume_with(rng=orig["rng"][0]).state.step == 2
     # a key added to the schema after the checkpoint was written takes its default
-    from derestainer.config import Config, to_dict
+    from derestainer.core.config import Config, to_dict
 
     default_model = to_dict(Config())["model"]
     key = next(k for k, v in to_dict(cfg)["model"].items() if v == default_model[k])
@@ -278,7 +269,7 @@ def test_rewriting_a_checkpoint_keeps_one_in_place(data: Path, tmp_path: Path, m
     from derestainer.training import state as state_mod
 
     tr = Trainer(tiny_cfg(data, tmp_path / "run", steps=2, ckpt_every=0))
-    tr._checkpoint()
+    write_checkpoint(tr)
     final = checkpoint_dir(tmp_path / "run", 0)
     assert (final / "state.json").is_file()
     real_replace = os.replace
@@ -291,23 +282,23 @@ def test_rewriting_a_checkpoint_keeps_one_in_place(data: Path, tmp_path: Path, m
             raise KeyboardInterrupt
 
     monkeypatch.setattr(state_mod.os, "replace", fail_after_move_aside)
-    tr._last_ckpt_step = None
+    tr.last_ckpt_step = None
     with pytest.raises(KeyboardInterrupt):
-        tr._checkpoint()
+        write_checkpoint(tr)
     monkeypatch.undo()
     assert seen
     # the earlier checkpoint was put back, and the new one's temporary folder removed
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [final.name]
     assert (final / "state.json").is_file()
     # a rewrite that succeeds leaves no temporary folder behind
-    tr._last_ckpt_step = None
-    tr._checkpoint()
+    tr.last_ckpt_step = None
+    write_checkpoint(tr)
     assert (final / "state.json").is_file()
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [final.name]
 
 
 def test_a_single_non_finite_step_is_skipped_and_logged(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = loop_mod.generator_losses
+    real = step_mod.generator_losses
     calls = {"n": 0}
 
     def one_nan(*args, **kwargs):
@@ -315,7 +306,7 @@ def test_a_single_non_finite_step_is_skipped_and_logged(data: Path, tmp_path: Pa
         total, terms = real(*args, **kwargs)
         return (total * float("inf"), terms) if calls["n"] == 2 else (total, terms)
 
-    monkeypatch.setattr(loop_mod, "generator_losses", one_nan)
+    monkeypatch.setattr(step_mod, "generator_losses", one_nan)
     summary = train(tiny_cfg(data, tmp_path / "run", steps=4, log_every=2, ckpt_every=0))
     assert summary["steps"] == 4 and summary["skipped_steps"] == 1
     recs = read_jsonl(tmp_path / "run" / "log.jsonl")
@@ -368,7 +359,7 @@ def test_checkpoint_folders_are_atomic_and_pruned(tmp_path: Path) -> None:
     (run / "latest").write_text("checkpoints/step-0000002\n")
     gone = prune_checkpoints(run, keep_last=1, keep={"step-0000001"})
     assert sorted(p.name for p in gone) == ["step-0000003"]
-    assert resolve_checkpoint(run).name == "step-0000002"
+    assert find_checkpoint(run).name == "step-0000002"
 
 
 def test_optimizer_state_flattens_to_tensors_and_json() -> None:
@@ -468,7 +459,7 @@ def test_cli_resume_from_a_checkpoint_uses_its_config_and_run_folder(data: Path,
     assert d["train"]["out"] == str(run) and d["data"]["root"] == str(data)
     res = CliRunner().invoke(main, ["train", "--resume", str(ckpt), "--set", "train.steps=3"])
     assert res.exit_code == 0, res.output
-    assert resolve_checkpoint(run).name == checkpoint_dir(run, 3).name
+    assert find_checkpoint(run).name == checkpoint_dir(run, 3).name
     # a path with no checkpoint is a user error
     res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "nothing"), "--dry-run"])
     assert res.exit_code == 1 and "Traceback" not in res.output
@@ -514,5 +505,5 @@ def test_cuda_bf16_channels_last_fused_training(data: Path, tmp_path: Path) -> N
     summary = tr.run()
     assert summary["steps"] == 4 and summary["skipped_steps"] == 0
     assert all(np.isfinite(v) for v in summary["losses"].values())
-    verify_checkpoint(resolve_checkpoint(tmp_path / "run"))
-    Trainer(cfg, resume=True)  # loads a CUDA run's checkpoint (optimizer state onto the device)
+    verify_checkpoint(find_checkpoint(tmp_path / "run"))
+    Trainer(cfg, resume="latest")  # loads a CUDA run's checkpoint (optimizer state onto the device)

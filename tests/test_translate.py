@@ -14,29 +14,24 @@ from PIL import Image
 from torch import nn
 
 from derestainer.cli import main
-from derestainer.config import load_config, replace
-from derestainer.inference.patches import (
-    collect_inputs,
+from derestainer.core.config import load_config, replace
+from derestainer.core.errors import CheckpointError
+from derestainer.core.fileformat import read_meta, save_tensors
+from derestainer.core.ranges import signed_to_uint8, uint8_to_signed
+from derestainer.core.runs import resolve_generator_file
+from derestainer.inference.folders import collect_inputs
+from derestainer.inference.loading import load_model
+from derestainer.inference.prediction import (
     dihedral,
     inverse_dihedral,
-    load_model,
-    model_to_uint8,
     pad_to_multiple,
     predict,
     resize_batch,
-    resolve_checkpoint,
     translate_array,
-    uint8_to_model,
 )
 from derestainer.models.base import GenOutput
+from derestainer.models.files import load_generator, save_generator
 from derestainer.models.registry import register_generator
-from derestainer.training.checkpoint import (
-    CheckpointError,
-    load_generator,
-    read_meta,
-    save_generator,
-    save_tensors,
-)
 
 # --------------------------------------------------------------------------------------------------
 # Tiny test generators (registered under names no real model uses)
@@ -159,11 +154,11 @@ def test_translate_array_keeps_size_and_resizes_by_mpp(model_file: Path, rng: np
         hook.remove()
     assert half[0].shape == im.shape
     assert seen == [(20, 28)]  # 37 × 50 → 18 × 25 (round(h·f)), then padded to multiples of 4
-    x = uint8_to_model(torch.from_numpy(im.transpose(2, 0, 1).copy())[None])
+    x = uint8_to_signed(torch.from_numpy(im.transpose(2, 0, 1).copy())[None])
     small = resize_batch(x, (round(37 * 0.5), round(50 * 0.5)))
     assert tuple(small.shape[-2:]) == (18, 25)
     ihc, _ = predict(lm.model, small, multiple=lm.multiple)
-    ref = model_to_uint8(resize_batch(ihc, (37, 50)))[0].permute(1, 2, 0).numpy()
+    ref = signed_to_uint8(resize_batch(ihc, (37, 50)))[0].permute(1, 2, 0).numpy()
     assert np.abs(half[0].astype(int) - ref.astype(int)).max() <= 1
     assert not np.array_equal(half[0], out[0])
 
@@ -175,28 +170,28 @@ def test_resize_by_mpp_with_a_per_pixel_model_gives_the_input_back(tmp_path: Pat
     im = np.stack([60 + 2 * xx, 40 + 3 * yy, 200 - xx - yy], axis=-1).round().astype(np.uint8)
     out, _ = translate_array(lm, [im], input_mpp=lm.mpp / 2)
     with torch.no_grad():
-        x = uint8_to_model(torch.from_numpy(im.transpose(2, 0, 1).copy())[None])
-        direct = model_to_uint8(lm.model(x).ihc)[0].permute(1, 2, 0).numpy()
+        x = uint8_to_signed(torch.from_numpy(im.transpose(2, 0, 1).copy())[None])
+        direct = signed_to_uint8(lm.model(x).ihc)[0].permute(1, 2, 0).numpy()
     inner = (slice(4, -4), slice(4, -4))  # away from the borders, where bilinear resizing clamps
     assert np.abs(out[0][inner].astype(int) - direct[inner].astype(int)).max() <= 2
 
 
 def test_predict_leaves_precision_to_an_inference_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fast path applies its own precision: predict adds no autocast around it and refuses a conflicting one."""
-    from derestainer.inference import patches
+    from derestainer.inference import prediction
 
     f = _save(tmp_path / "cv.safetensors", "_tt_conv3")
     fast = load_model(f, "cpu", precision="fp32")
     plain = load_model(f, "cpu", fast=False)
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     calls: list[str] = []
-    real = patches.autocast_context
+    real = prediction.autocast_context
 
     def spy(device: torch.device, precision: str = "auto"):
         calls.append(precision)
         return real(device, precision)
 
-    monkeypatch.setattr(patches, "autocast_context", spy)
+    monkeypatch.setattr(prediction, "autocast_context", spy)
     a, _ = predict(fast.model, x, multiple=fast.multiple)
     b, _ = predict(fast.model, x, multiple=fast.multiple, precision="fp32")
     assert calls == []  # no outer autocast around the InferenceModel
@@ -207,9 +202,9 @@ def test_predict_leaves_precision_to_an_inference_model(tmp_path: Path, monkeypa
         predict(fast.model, x, multiple=fast.multiple, precision="fp16")
     predict(plain.model, x, multiple=plain.multiple, precision="fp32")
     assert calls == ["fp32"]  # the plain model still runs under predict's autocast context
-    assert patches.resolved_precision(plain.model, torch.device("cpu"), "auto") == "fp32"
-    assert patches.resolved_precision(plain.model, torch.device("cuda"), "auto") == "bf16"
-    assert patches.resolved_precision(fast.model, torch.device("cpu"), "auto") == "fp32"
+    assert prediction.resolved_precision(plain.model, torch.device("cpu"), "auto") == "fp32"
+    assert prediction.resolved_precision(plain.model, torch.device("cuda"), "auto") == "bf16"
+    assert prediction.resolved_precision(fast.model, torch.device("cpu"), "auto") == "fp32"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,18 +296,18 @@ def _fake_run(root: Path, model_file: Path) -> Path:
 
 
 def test_resolve_checkpoint(tmp_path: Path, model_file: Path) -> None:
-    assert resolve_checkpoint(model_file) == model_file
+    assert resolve_generator_file(model_file) == model_file
     run = _fake_run(tmp_path / "run", model_file)
     ck = run / "checkpoints" / "step-0000020"
-    assert resolve_checkpoint(ck) == ck / "generator.safetensors"
-    assert resolve_checkpoint(run) == run / "checkpoints" / "step-0000010" / "generator.safetensors"  # latest pointer
+    assert resolve_generator_file(ck) == ck / "generator.safetensors"
+    assert resolve_generator_file(run) == run / "checkpoints" / "step-0000010" / "generator.safetensors"  # latest pointer
     (run / "latest").unlink()
-    assert resolve_checkpoint(run) == ck / "generator.safetensors"  # newest
+    assert resolve_generator_file(run) == ck / "generator.safetensors"  # newest
     _save(run / "generator.safetensors", "_tt_conv3")
-    assert resolve_checkpoint(run) == run / "generator.safetensors"  # finished run
+    assert resolve_generator_file(run) == run / "generator.safetensors"  # finished run
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no generator.safetensors"):
-        resolve_checkpoint(tmp_path / "empty")
+        resolve_generator_file(tmp_path / "empty")
 
 
 def test_export_round_trip(tmp_path: Path, model_file: Path) -> None:

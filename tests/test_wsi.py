@@ -18,26 +18,23 @@ from PIL import Image
 from torch import nn
 
 from derestainer.cli import main
-from derestainer.config import load_config, replace
-from derestainer.inference import wsi
-from derestainer.inference.ometiff import level_shapes, write_pyramid
-from derestainer.inference.patches import load_model
+from derestainer.core.config import load_config, replace
+from derestainer.core.errors import SlideError
+from derestainer.inference import plan as plan_mod
+from derestainer.inference import slide_outputs, slides, wsi
+from derestainer.inference import stream as stream_mod
+from derestainer.inference.loading import load_model
+from derestainer.inference.ometiff import PyramidOptions, level_shapes, write_pyramid
+from derestainer.inference.plan import plan_slide, read_model_region
+from derestainer.inference.slide_jobs import list_slides, output_for, shard
+from derestainer.inference.slide_options import SlideOptions
+from derestainer.inference.slide_outputs import SlideOutputs, slide_level
+from derestainer.inference.slides import open_slide
 from derestainer.inference.tiling import TileGrid, grid_positions, rows_to_tiles
-from derestainer.inference.wsi import (
-    SlideError,
-    SlideOptions,
-    SlideOutputs,
-    open_slide,
-    output_for,
-    plan_slide,
-    read_model_region,
-    shard,
-    slide_level,
-    translate_slide,
-)
+from derestainer.inference.wsi import translate_slide
 from derestainer.models.base import GenOutput
+from derestainer.models.files import save_generator
 from derestainer.models.registry import register_generator
-from derestainer.training.checkpoint import save_generator
 
 tifffile = pytest.importorskip("tifffile")
 
@@ -158,12 +155,12 @@ def test_tifffile_and_pillow_readers(tmp_path: Path) -> None:
     striped = tmp_path / "striped.tif"  # not tiled: OpenSlide refuses it, tifffile reads it
     tifffile.imwrite(striped, img, photometric="rgb", resolution=(1e4 / 0.8, 1e4 / 0.8), resolutionunit="CENTIMETER")
     with open_slide(striped) as r:
-        assert isinstance(r, wsi.TiffReader) and r.mpp == pytest.approx(0.8)
+        assert isinstance(r, slides.TiffReader) and r.mpp == pytest.approx(0.8)
         np.testing.assert_array_equal(r.read_level(0, 5, 7, 30, 20), img[7:27, 5:35])
     png = tmp_path / "slide.png"
     Image.fromarray(img).save(png)
     with open_slide(png) as r:
-        assert isinstance(r, wsi.ImageReader) and r.mpp is None
+        assert isinstance(r, slides.ImageReader) and r.mpp is None
         np.testing.assert_array_equal(r.read_level(0, 0, 0, 160, 120), img)
     with pytest.raises(SlideError, match="no such slide"):
         open_slide(tmp_path / "missing.svs")
@@ -218,7 +215,7 @@ def test_planar_tiffs_are_read_colour_last(tmp_path: Path) -> None:
     tifffile.imwrite(paths["ome"], planar, photometric="rgb", metadata={"axes": "CYX", "PhysicalSizeX": 0.5,
                                                                         "PhysicalSizeY": 0.5})
     for name, p in paths.items():
-        with wsi.TiffReader(p) as r:  # directly: OpenSlide would take the tiled one
+        with slides.TiffReader(p) as r:  # directly: OpenSlide would take the tiled one
             assert r.dimensions == (160, 120) and r.mpp == pytest.approx(0.5), name
             np.testing.assert_array_equal(r.read_level(0, 5, 7, 30, 20), img[7:27, 5:35], err_msg=name)
             out = r.read_level(0, 150, 110, 20, 20)  # over the edge: white outside
@@ -228,7 +225,7 @@ def test_planar_tiffs_are_read_colour_last(tmp_path: Path) -> None:
     stack = tmp_path / "stack.tif"  # five grey planes: not one image
     tifffile.imwrite(stack, np.zeros((5, 32, 32), np.uint8), photometric="minisblack")
     with pytest.raises(SlideError, match=r"stack\.tif: unsupported TIFF layout \(axes \w*YX"):
-        wsi.TiffReader(stack)
+        slides.TiffReader(stack)
 
 
 def test_heatmap_leaves_the_matplotlib_backend_alone(tmp_path: Path) -> None:
@@ -238,10 +235,10 @@ def test_heatmap_leaves_the_matplotlib_backend_alone(tmp_path: Path) -> None:
     matplotlib.use("pdf")  # stands for the user's own backend (e.g. Jupyter's inline one)
     try:
         grid = TileGrid(100, 120, 64, 16, -1)
-        plan = wsi.SlidePlan(0.5, "test", 0.5, 1.0, 0, 1.0, 100, 120, grid)
+        plan = plan_mod.SlidePlan(0.5, "test", 0.5, 1.0, 0, 1.0, 100, 120, grid)
         probs = [[[0.1, 0.2, 0.3, 0.4]] * grid.n_cols for _ in range(grid.n_rows)]
         thumb = synth_slide(50, 60)
-        wsi.write_heatmap(tmp_path / "h.png", thumb, np.ones((50, 60), bool), plan, probs, ("0", "1+", "2+", "3+"))
+        slide_outputs.write_heatmap(tmp_path / "h.png", thumb, np.ones((50, 60), bool), plan, probs, ("0", "1+", "2+", "3+"))
         assert matplotlib.get_backend() == "pdf"
     finally:
         matplotlib.use(before)
@@ -275,7 +272,7 @@ def test_list_slides_finds_every_suffix_open_slide_reads_as_tiff(tmp_path: Path)
     names = ["a.btf", "b.tf8", "c.tf2", "d.TIF", "e.svs", "notes.txt"]
     for n in names:
         (tmp_path / n).write_bytes(b"")
-    assert [p.name for p in wsi.list_slides([tmp_path])] == names[:-1]
+    assert [p.name for p in list_slides([tmp_path])] == names[:-1]
 
 
 @pytest.mark.parametrize("layout", ["ome", "openslide"])
@@ -284,7 +281,7 @@ def test_write_pyramid_levels_are_2x_means(tmp_path: Path, rng: np.random.Genera
     img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     out = tmp_path / "p.tif"
     info = write_pyramid(out, iter([img[:50], img[50:51], img[51:]]), h, w, 0.25, work_dir=tmp_path / "wk",
-                         tile=64, compression="lossless", layout=layout)
+                         options=PyramidOptions(tile=64, compression="lossless", layout=layout))
     shapes = level_shapes(h, w, 64)
     assert [tuple(s) for s in info["levels"]] == shapes and max(shapes[-1]) <= 64 < max(shapes[-2])
     with tifffile.TiffFile(out) as tf:
@@ -309,10 +306,11 @@ def test_write_pyramid_failure_leaves_nothing(tmp_path: Path) -> None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        write_pyramid(tmp_path / "p.ome.tiff", rows(), 100, 100, 1.0, work_dir=tmp_path / "wk", tile=64)
+        write_pyramid(tmp_path / "p.ome.tiff", rows(), 100, 100, 1.0, work_dir=tmp_path / "wk",
+                      options=PyramidOptions(tile=64))
     with pytest.raises(ValueError, match="got 40 rows"):
         write_pyramid(tmp_path / "p.ome.tiff", iter([np.zeros((40, 100, 3), np.uint8)]), 100, 100, 1.0,
-                      work_dir=tmp_path / "wk", tile=64)
+                      work_dir=tmp_path / "wk", options=PyramidOptions(tile=64))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wk"]
 
 
@@ -352,7 +350,7 @@ def test_translate_slide_equals_whole_image_and_is_readable(tmp_path: Path) -> N
     expect1 = base[:300:2, :420:2].astype(float)  # 2×2 means ≈ subsample on smooth outputs: loose check
     assert np.abs(lv1.astype(float) - expect1).mean() < 20
     with open_slide(out) as r:  # our own output as input: tifffile reader, SubIFD levels, OME mpp
-        assert isinstance(r, wsi.TiffReader) and r.mpp == pytest.approx(0.5) and "OME" in r.mpp_source
+        assert isinstance(r, slides.TiffReader) and r.mpp == pytest.approx(0.5) and "OME" in r.mpp_source
         assert r.level_dimensions[:2] == [(420, 300), (210, 150)]
         np.testing.assert_array_equal(r.read_level(1, 30, 40, 50, 20), lv1[40:60, 30:80])
 
@@ -398,7 +396,7 @@ def test_interrupted_run_leaves_no_output_and_resume_completes(tmp_path: Path, m
     ref_out = tmp_path / "ref" / "s.ome.tiff"
     translate_slide(lm, slide, ref_out, opts)
 
-    real = wsi._infer_tiles
+    real = stream_mod.infer_tiles
     calls = {"n": 0}
 
     def crashing(*a, **k):  # simulated crash mid-way (e.g. out of memory, node pre-empted)
@@ -408,7 +406,7 @@ def test_interrupted_run_leaves_no_output_and_resume_completes(tmp_path: Path, m
         return real(*a, **k)
 
     # 7 tile rows × 4 columns, one batch per row: the 4th batch crashes.
-    monkeypatch.setattr(wsi, "_infer_tiles", crashing)
+    monkeypatch.setattr(stream_mod, "infer_tiles", crashing)
     out = tmp_path / "out" / "s.ome.tiff"
     with pytest.raises(RuntimeError, match="simulated crash"):
         translate_slide(lm, slide, out, opts)
@@ -428,7 +426,7 @@ def test_interrupted_run_leaves_no_output_and_resume_completes(tmp_path: Path, m
     assert not (out.parent / ".s.work").exists()
 
     # Resuming with other settings is refused with a clear message.
-    monkeypatch.setattr(wsi, "_infer_tiles", crashing)
+    monkeypatch.setattr(stream_mod, "infer_tiles", crashing)
     calls["n"] = 0
     out2 = tmp_path / "o2" / "s.ome.tiff"
     with pytest.raises(RuntimeError):
@@ -490,15 +488,13 @@ def test_peak_memory_is_flat_in_slide_size(tmp_path: Path, monkeypatch: pytest.M
     """
     import tracemalloc
 
-    from derestainer.inference import ometiff
-
     mf = make_model(tmp_path / "m.safetensors", mpp=0.5)
     lm = load_model(mf, "cpu")
     opts = SlideOptions(tile=256, overlap=32, **FAST)
     w, heights = 384, {"small": 768, "large": 3072}  # 4× the pixels (taller: memory is per row band)
     slides = {n: write_slide(tmp_path / f"{n}.tif", h, w, mpp=0.5, levels=1, tile=256) for n, h in heights.items()}
     stream: dict[str, int] = {}
-    real_write = ometiff.write_pyramid
+    real_write = wsi.write_pyramid
 
     def traced_write(*a, **k):
         tracemalloc.reset_peak()
@@ -507,7 +503,7 @@ def test_peak_memory_is_flat_in_slide_size(tmp_path: Path, monkeypatch: pytest.M
         stream["peak"] = tracemalloc.get_traced_memory()[1] - before
         return out
 
-    monkeypatch.setattr(ometiff, "write_pyramid", traced_write)
+    monkeypatch.setattr(wsi, "write_pyramid", traced_write)
     translate_slide(lm, slides["small"], tmp_path / "warm" / "o.ome.tiff", opts)  # imports, caches
 
     def measure(name: str) -> tuple[int, int]:
@@ -527,8 +523,8 @@ def test_peak_memory_is_flat_in_slide_size(tmp_path: Path, monkeypatch: pytest.M
     assert read_base(tmp_path / "large" / "o.ome.tiff").shape == (3072, w, 3)
 
     hoard: list[np.ndarray] = []
-    real_save = wsi._save_band
-    monkeypatch.setattr(wsi, "_save_band", lambda path, rows: (hoard.append(rows), real_save(path, rows)))
+    real_save = stream_mod.save_band
+    monkeypatch.setattr(stream_mod, "save_band", lambda path, rows: (hoard.append(rows), real_save(path, rows)))
     leaky = measure("large")
     assert leaky[0] - small[0] > 0.5 * extra  # the measurement sees a slide-sized accumulation
 

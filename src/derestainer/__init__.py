@@ -1,6 +1,9 @@
-"""derestainer: H&E to virtual HER2 IHC by destaining and restaining (DeReStainer) and baselines."""
+"""derestainer: H&E to virtual HER2 IHC by destaining and restaining (DeReStainer) and baselines.
 
-__version__ = "0.1.0"
+The layers, lowest first, are listed in CONTRIBUTING.md (and checked by ``tests/test_architecture.py``).
+"""
 
-#: HER2 levels in class-index order; index 0..3, -1 when unknown.
-HER2_LEVELS: tuple[str, ...] = ("0", "1+", "2+", "3+")
+from derestainer.core.levels import HER2_LEVELS
+from derestainer.core.version import __version__
+
+__all__ = ["HER2_LEVELS", "__version__"]

@@ -15,12 +15,22 @@ demo again reuses what is finished.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import HER2_LEVELS
+from derestainer.benchmark import BenchmarkSpec, run_benchmark
+from derestainer.core.errors import DatasetError
+from derestainer.core.io import read_image, write_json
+from derestainer.core.levels import HER2_LEVELS, parse_bci_level
+from derestainer.data.synth import SynthParams, generate_dataset
+from derestainer.stain.panels import separate_image
+from derestainer.viz import image_grid
+
+#: The metrics the demo prints and keeps in ``demo_summary.json``.
+SUMMARY_METRICS: tuple[str, ...] = ("ssim", "psnr", "top1", "top3", "top5", "knn", "dab_od_pearson")
 
 
 @dataclass(frozen=True)
@@ -37,16 +47,8 @@ class DemoSpec:
     device: str = "auto"
 
 
-def run_demo(spec: DemoSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the demo into ``spec.out``; returns a summary with the paths of what it wrote."""
-    from .benchmark import BenchmarkSpec, run_benchmark
-    from .data.synth import generate_dataset
-    from .io import read_image, write_json
-    from .stain.panels import separate_image
-    from .viz import image_grid
-
-    out = Path(spec.out)
-    data = out / "synthbci"
+def _dataset(spec: DemoSpec, data: Path, log: Callable[[str], None]) -> None:
+    """[1/4] the SynthBCI dataset: generated, or reused when it was made with the same settings."""
     marker = data / "synthbci.json"
     if marker.is_file():
         _check_reusable(marker, spec)
@@ -56,7 +58,9 @@ def run_demo(spec: DemoSpec, log: Callable[[str], None] = print) -> dict[str, An
         s = generate_dataset(data, spec.n_train, spec.n_test, size=spec.image_size, seed=spec.seed)
         log(f"      {s['pairs']} pairs in {s['seconds']:.1f} s ({s['pairs_per_s']:.0f} pairs/s)")
 
-    log("[2/4] stain separation panels and pairs per HER2 level")
+
+def _figures(data: Path, out: Path) -> tuple[Path, Path]:
+    """[2/4] stain separation panels of one test pair, and a sheet of one pair per HER2 level."""
     he_test = sorted((data / "HE" / "test").glob("*.png"))
     examples = _one_per_level(he_test)
     stain_dir = out / "stain_separation"
@@ -69,13 +73,25 @@ def run_demo(spec: DemoSpec, log: Callable[[str], None] = print) -> dict[str, An
         out / "pairs_per_level.png", row_labels=[f"HER2 {HER2_LEVELS[lv]}" for lv in levels],
         col_labels=["H&E", "IHC (adjacent section)"], title="SynthBCI pairs",
     )
+    return stain_dir, pairs_sheet
+
+
+def run_demo(spec: DemoSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the demo into ``spec.out``; returns a summary with the paths of what it wrote.
+
+    Raises:
+        DatasetError: ``spec.out`` holds a SynthBCI dataset made with other settings.
+    """
+    out = Path(spec.out)
+    data = out / "synthbci"
+    _dataset(spec, data, log)
+    log("[2/4] stain separation panels and pairs per HER2 level")
+    stain_dir, pairs_sheet = _figures(data, out)
 
     log(f"[3/4] classifiers, then [4/4] the tiny DeReStainer ({spec.steps} steps at {spec.train_size} px), "
         "translation of the test split and evaluation")
     # SynthBCI draws about 1 µm per pixel (at zoom 1); the model sees it resized to train_size, and
     # the exported model must carry that physical resolution so that whole slides are resampled right.
-    from .data.synth import SynthParams
-
     mpp = round(SynthParams().zoom ** -1 * spec.image_size / spec.train_size, 4)
     bench = BenchmarkSpec(
         data=data, models=("derestainer",), steps=spec.steps, out=out / "run", size=spec.train_size,
@@ -85,30 +101,29 @@ def run_demo(spec: DemoSpec, log: Callable[[str], None] = print) -> dict[str, An
     )
     results = run_benchmark(bench, log=lambda m: log(f"      {m}"))
     metrics = results["runs"][0].get("metrics", {})
-    summary = {
+    picked: dict[str, Any] = {k: metrics.get(k) for k in SUMMARY_METRICS}
+    summary: dict[str, Any] = {
         "data": str(data),
         "stain_separation": str(stain_dir),
         "pairs_per_level": str(pairs_sheet),
         "translation_sheet": str(out / "run" / "figure.png"),
         "table": str(out / "run" / "table.md"),
-        "metrics": {k: metrics.get(k) for k in ("ssim", "psnr", "top1", "top3", "top5", "knn", "dab_od_pearson")},
+        "metrics": picked,
     }
     write_json(out / "demo_summary.json", summary)
     log("done:")
     for k in ("pairs_per_level", "stain_separation", "translation_sheet", "table"):
         log(f"  {k.replace('_', ' ')}: {summary[k]}")
-    log("  " + ", ".join(f"{k} {v:.3f}" for k, v in summary["metrics"].items() if isinstance(v, (int, float))))
+    log("  " + ", ".join(f"{k} {v:.3f}" for k, v in picked.items() if isinstance(v, (int, float))))
     return summary
 
 
 def _check_reusable(marker: Path, spec: DemoSpec) -> None:
     """Refuse to reuse a SynthBCI folder made with another seed, image size or number of pairs."""
-    import json
-
     try:
         made = json.loads(marker.read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{marker.parent}: unreadable {marker.name} ({exc}); use another --out or delete that folder") from exc
+        raise DatasetError(f"{marker.parent}: unreadable {marker.name} ({exc}); use another --out or delete that folder") from exc
     counts = made.get("counts") or {}
 
     def n(split: str) -> int | None:
@@ -119,18 +134,16 @@ def _check_reusable(marker: Path, spec: DemoSpec) -> None:
     want = {"seed": spec.seed, "size": spec.image_size, "train": spec.n_train, "test": spec.n_test}
     diff = [f"{k} {have[k]} (asked for {want[k]})" for k in want if have[k] != want[k]]
     if diff:
-        raise ValueError(
+        raise DatasetError(
             f"{marker.parent} holds a SynthBCI dataset made with other settings: {', '.join(diff)}. "
             "Use another --out, or delete that folder to generate it again"
         )
 
 
 def _one_per_level(files: list[Path]) -> dict[int, Path]:
-    from .data.datasets import parse_bci_level
-
     chosen: dict[int, Path] = {}
     for f in files:
         chosen.setdefault(parse_bci_level(f.name), f)
     if not chosen:
-        raise ValueError("the demo dataset has no test images")
+        raise DatasetError("the demo dataset has no test images")
     return chosen

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from .models.base import GenOutput
-from .stain import model_to_unit, stain_channel
+from derestainer.core.ranges import signed_to_unit
+from derestainer.stain import stain_channel
+
+if TYPE_CHECKING:  # only a type here; importing derestainer.models would import every built-in model
+    from derestainer.models.base import GenOutput
 
 _F = TypeVar("_F", bound=Callable[..., torch.Tensor])
 
@@ -72,9 +75,9 @@ def dab_l1_loss(fake: torch.Tensor, real: torch.Tensor, rgb_from_hed: torch.Tens
         fake, real: ``[N, 3, H, W]`` in model space.
         rgb_from_hed: stain matrix (default Ruifrok); pass the generator's own to stay consistent.
     """
-    dab_fake = stain_channel(model_to_unit(fake), "dab", rgb_from_hed=rgb_from_hed)
+    dab_fake = stain_channel(signed_to_unit(fake), "dab", rgb_from_hed=rgb_from_hed)
     with torch.no_grad():
-        dab_real = stain_channel(model_to_unit(real), "dab", rgb_from_hed=rgb_from_hed)
+        dab_real = stain_channel(signed_to_unit(real), "dab", rgb_from_hed=rgb_from_hed)
     return (dab_fake - dab_real).abs().mean()
 
 
@@ -138,7 +141,7 @@ def ssim_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     Args:
         fake, real: ``[N, 3, H, W]`` in model space.
     """
-    return 1.0 - ssim(model_to_unit(fake), model_to_unit(real), data_range=1.0).mean()
+    return 1.0 - ssim(signed_to_unit(fake), signed_to_unit(real), data_range=1.0).mean()
 
 
 @_fp32
@@ -310,7 +313,7 @@ def generator_losses(
         level: ``[N]`` HER2 level, −1 unknown (ignored); ``None`` skips L_level.
         d_fake_outputs: discriminator outputs on (he, generated) per scale; ``None`` skips L_GAN.
         cmp_feats_fake, cmp_feats_real: comparator features of generated/real IHC; ``None`` skips L_cmp.
-        cfg: a :class:`~derestainer.config.LossConfig`.
+        cfg: a :class:`~derestainer.core.config.LossConfig`.
         rgb_from_hed: stain matrix for L_DAB (pass the generator's, e.g. ``G.destainer.separation.rgb_from_hed``).
     Returns:
         ``(total, terms)``: ``total`` a scalar with graph; ``terms`` maps each *computed* term
@@ -325,11 +328,11 @@ def generator_losses(
         "dab": lambda: dab_l1_loss(fake, ihc, rgb_from_hed),
         "ssim": lambda: ssim_loss(fake, ihc),
         "mae": lambda: mae_loss(fake, ihc),
-        "cmp": (lambda: cosine_loss(cmp_feats_fake, cmp_feats_real))  # type: ignore[arg-type]
+        "cmp": (lambda: cosine_loss(cmp_feats_fake, cmp_feats_real))
         if cmp_feats_fake is not None and cmp_feats_real is not None else None,
         "level": (lambda: focal_loss(out.level_logits, level, gamma=cfg.focal_gamma))  # type: ignore[arg-type]
         if out.level_logits is not None and level is not None else None,
-        "gan": (lambda: gan_losses(cfg.gan_mode)[1](d_fake_outputs)) if d_fake_outputs is not None else None,  # type: ignore[arg-type]
+        "gan": (lambda: gan_losses(cfg.gan_mode)[1](d_fake_outputs)) if d_fake_outputs is not None else None,
         "pyramid": lambda: pyramid_l1_loss(fake, ihc, cfg.pyramid_levels),
         "l1": lambda: mae_loss(fake, ihc),
     }
@@ -346,7 +349,7 @@ def generator_losses(
 
 
 class GeneratorLoss:
-    """:func:`generator_losses` bound to a :class:`~derestainer.config.LossConfig` (and a stain matrix).
+    """:func:`generator_losses` bound to a :class:`~derestainer.core.config.LossConfig` (and a stain matrix).
 
     ``loss(out, he, ihc, level=None, d_fake_outputs=None, cmp_feats_fake=None, cmp_feats_real=None)
     -> (total, terms)``; ``loss.active`` is the set of terms with a non-zero weight.

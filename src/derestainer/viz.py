@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_path
+from derestainer.core.io import atomic_path
 
 
 def image_grid(
@@ -23,7 +23,7 @@ def image_grid(
 
     Rows may have different lengths; empty cells stay blank.
     """
-    import matplotlib
+    import matplotlib  # here, not at the top: slow to import, and only needed when a figure is written
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,19 +6,38 @@ so that ``derestainer --help`` stays fast.
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from .. import __version__
+from derestainer.core.errors import DerestainerError
+from derestainer.core.version import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """The one place where a user-facing error becomes a message: ``Error: <message>``, no traceback.
+
+    Any :class:`~derestainer.core.errors.DerestainerError` raised by a sub-command is printed as one
+    line and exits with its ``exit_code``; anything else (a bug) keeps its traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DerestainerError as exc:
+            err = click.ClickException(str(exc))
+            err.exit_code = exc.exit_code
+            raise err from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="derestainer")
 def main() -> None:
     """H&E to virtual HER2 IHC: DeReStainer, baselines, whole-slide inference and evaluation."""
 
 
 def _register() -> None:
-    from . import (
+    from derestainer.cli import (
         bench,
         benchmark,
         demo,

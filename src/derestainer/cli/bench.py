@@ -1,12 +1,22 @@
-"""``derestainer bench``: images/s, peak memory and GFLOPs of a generator; eager vs fast path side by side."""
+"""``derestainer bench``: speed (images/s, peak memory, GFLOPs) of a generator; eager vs fast path side by side.
+
+The library side is :mod:`derestainer.speed`; ``derestainer benchmark`` (Table 1, quality) is another command.
+"""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+from click.core import ParameterSource
 
-from .common import fail
+from derestainer.cli.common import fail
+from derestainer.core.errors import DerestainerError
+
+if TYPE_CHECKING:
+    from derestainer.speed import BenchMode, LoaderMode, PathName
 
 QUICK_SIZE = 64
 
@@ -50,12 +60,12 @@ QUICK_SIZE = 64
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch.set_num_threads (default: as is).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Config override (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def bench(model: str, base: str | None, size: int | None, batch: int, mode: str, device: str, json_out: Path | None,
+def bench(model: str, base: str | None, size: int | None, batch: int, mode: BenchMode, device: str, json_out: Path | None,
           compare: bool, eager_only: bool, warmup: int | None, iters: int | None, quick: bool, tile: int | None,
-          precision: str, modconv: str, compile_: bool, fold_bn: bool, channels_last: bool, loader: str,
+          precision: str, modconv: str, compile_: bool, fold_bn: bool, channels_last: bool, loader: LoaderMode,
           data: Path | None, source_size: int | None, workers: int | None, cache: bool, comparator: str,
           threads: int | None, overrides: tuple[str, ...], seed: int) -> None:
-    """Benchmark a generator: warm-up, then median and spread of images/s (tiles/s for inference),
+    """Measure a generator's speed: warm-up, then median and spread of images/s (tiles/s for inference),
     peak memory, and GFLOPs per image. With --compare the plain eager fp32 path and the optimised
     path (docs/performance.md) run in the same process, alternating, and their ratio is printed.
 
@@ -65,12 +75,12 @@ def bench(model: str, base: str | None, size: int | None, batch: int, mode: str,
 
         derestainer bench --model pix2pix --base tiny --mode train --loader both --size 256 --batch 4
     """
-    from ..bench import BenchError, BenchSpec, format_result, run_bench
-    from ..io import write_json
+    from derestainer.core.io import write_json
+    from derestainer.speed import BenchSpec, format_result, run_bench
 
     if compare and eager_only:
         raise fail("--compare already runs the eager path; use one of --compare and --eager")
-    paths = ("eager", "optimized") if compare else (("eager",) if eager_only else ("optimized",))
+    paths: tuple[PathName, ...] = ("eager", "optimized") if compare else (("eager",) if eager_only else ("optimized",))
     spec = BenchSpec(
         model=model, base=base, size=size or (QUICK_SIZE if quick else 256), batch=batch, mode=mode, device=device,
         warmup=warmup if warmup is not None else (1 if quick else 2),
@@ -83,7 +93,9 @@ def bench(model: str, base: str | None, size: int | None, batch: int, mode: str,
     )
     try:
         res = run_bench(spec, log=lambda s: click.echo(s, err=True), command=_command_line())
-    except (BenchError, ValueError, FileNotFoundError) as exc:
+    except DerestainerError:
+        raise  # the CLI group prints it
+    except (ValueError, FileNotFoundError) as exc:  # from torch or the fast path: still the user's input
         raise fail(str(exc)) from None
     click.echo(format_result(res))
     if json_out is not None:
@@ -94,10 +106,6 @@ def bench(model: str, base: str | None, size: int | None, batch: int, mode: str,
 def _command_line() -> str:
     """The options given on the command line, as a command to paste (the --json target left out:
     it names a file of the machine that ran it)."""
-    import shlex
-
-    from click.core import ParameterSource
-
     ctx = click.get_current_context()
     words = ["derestainer", "bench"]
     for param in ctx.command.params:

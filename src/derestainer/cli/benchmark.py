@@ -1,12 +1,16 @@
-"""``derestainer benchmark``: train, translate and evaluate several models with one budget (Table 1)."""
+"""``derestainer benchmark``: train, translate and evaluate several models with one budget (Table 1, quality).
+
+The library side is :mod:`derestainer.benchmark`; ``derestainer bench`` (speed) is another command.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
 
-from .common import fail
+from derestainer.cli.common import fail
 
 
 def _int_list(value: str, what: str) -> tuple[int, ...]:
@@ -54,9 +58,7 @@ def benchmark(
     test split, evaluate it, and write OUT/table.md (Table 1 layout, mean ± std over seeds, the paper's
     numbers beside), OUT/figure.png (Fig. 3 layout) and OUT/results.json. Rerunning skips finished runs.
     """
-    import logging
-
-    from ..benchmark import BenchmarkError, BenchmarkSpec, run_benchmark
+    from derestainer.benchmark import BenchmarkSpec, run_benchmark
 
     spec = BenchmarkSpec(
         data=data,
@@ -75,19 +77,6 @@ def benchmark(
         device=device,
         eval_workers=eval_workers,
     )
-    from ..config import ConfigError
-    from ..data.datasets import DatasetError
-    from ..io import ImageReadError
-    from ..metrics.evaluate import EvaluationError
-    from ..training.checkpoint import CheckpointError
-    from ..training.classifier import ClassifierDataError
-    from ..training.loop import TrainingError
-
-    user_errors = (BenchmarkError, ConfigError, DatasetError, ImageReadError, EvaluationError, CheckpointError,
-                   ClassifierDataError, TrainingError)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the trainer's progress lines
-    try:
-        run_benchmark(spec, log=lambda msg: click.echo(msg, err=True))
-    except user_errors as exc:
-        raise fail(str(exc)) from None
+    run_benchmark(spec, log=lambda msg: click.echo(msg, err=True))  # a DerestainerError: printed by the CLI group
     click.echo(str(out / "table.md"))

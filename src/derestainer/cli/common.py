@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 
-def fail(message: str) -> "click.ClickException":
+def fail(message: str) -> click.ClickException:
     """A user-facing error: printed without a traceback, exit status 1."""
     return click.ClickException(message)
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import fail
+from derestainer.cli.common import fail
+from derestainer.core.errors import DerestainerError
 
 
 @click.command(short_help="Run the whole pipeline on synthetic data (CPU minutes).")
@@ -21,13 +22,14 @@ def demo(out: Path, n_train: int, n_test: int, steps: int, classifier_steps: int
     """Generate SynthBCI, write stain-separation panels and pairs per HER2 level, train the
     comparator/evaluator and the tiny DeReStainer, translate the test split, evaluate it, and write
     a contact sheet H&E | generated IHC | real IHC per level. Rerunning reuses finished steps."""
-    from ..benchmark import BenchmarkError
-    from ..demo import DemoSpec, run_demo
+    from derestainer.demo import DemoSpec, run_demo
 
     if min(n_train, n_test) < 8:
         raise fail("--train and --test need at least 8 pairs each (two per HER2 level)")
     try:
         run_demo(DemoSpec(out=out, n_train=n_train, n_test=n_test, steps=steps,
                           classifier_steps=classifier_steps, seed=seed, device=device), log=click.echo)
-    except (BenchmarkError, ValueError, OSError) as exc:
+    except DerestainerError:
+        raise  # the CLI group prints it
+    except (ValueError, OSError) as exc:  # e.g. an input folder without images, a full disk: the user's to fix
         raise fail(str(exc)) from None

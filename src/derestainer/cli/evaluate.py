@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .common import fail
+from derestainer.cli.common import fail
+
+if TYPE_CHECKING:
+    from derestainer.metrics.semantic import SelfMatch, Tie
 
 
 @click.command(short_help="Score generated IHC vs ground truth (Table 1 and more).")
@@ -36,7 +40,7 @@ from .common import fail
 @click.option("--no-figures", is_flag=True, help="Skip the PNG figures.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(pred_dir: Path, gt_dir: Path, classifier: Path | None, out_dir: Path | None, allow_missing: bool,
-             workers: int | None, labels_csv: Path | None, pred_suffix: str, self_match: str, tie: str, knn_k: int,
+             workers: int | None, labels_csv: Path | None, pred_suffix: str, self_match: SelfMatch, tie: Tie, knn_k: int,
              comparator: Path | None, classifier_size: int | None, device: str, batch_size: int, method: str | None,
              no_figures: bool, quiet: bool) -> None:
     """Evaluate generated IHC in --pred against the ground truth in --gt, paired by file name.
@@ -46,22 +50,17 @@ def evaluate(pred_dir: Path, gt_dir: Path, classifier: Path | None, out_dir: Pat
     HER2 accuracy against a library of ground-truth features, the evaluator's direct accuracy and
     FID/KID on its features. Every definition: docs/evaluation.md.
     """
-    from ..io import ImageReadError
-    from ..metrics.evaluate import EvaluationError
-    from ..metrics.evaluate import evaluate as run_evaluation
-    from ..metrics.report import summary_table, write_report
+    from derestainer.evaluation import EvaluateOptions, run_evaluation, summary_table, write_report
 
     if classifier is not None and not classifier.is_file():
         raise fail(f"{classifier}: no such classifier checkpoint")
-    try:
-        result = run_evaluation(
-            pred_dir, gt_dir, classifier=classifier, comparator=comparator, labels_csv=labels_csv,
-            allow_missing=allow_missing, pred_suffix=pred_suffix, workers=workers, self_match=self_match, tie=tie,
-            knn_k=knn_k, device=device, batch_size=batch_size, classifier_size=classifier_size,
-            progress=not quiet, log=lambda m: click.echo(m, err=True),
-        )
-    except (EvaluationError, ImageReadError) as exc:
-        raise fail(str(exc)) from None
+    opts = EvaluateOptions(
+        classifier=classifier, comparator=comparator, labels_csv=labels_csv, allow_missing=allow_missing,
+        pred_suffix=pred_suffix, workers=workers, self_match=self_match, tie=tie, knn_k=knn_k, device=device,
+        batch_size=batch_size, classifier_size=classifier_size, progress=not quiet,
+        log=lambda m: click.echo(m, err=True),
+    )
+    result = run_evaluation(pred_dir, gt_dir, opts)
     name = method or pred_dir.resolve().name
     out = out_dir if out_dir is not None else pred_dir.resolve().parent / f"eval_{pred_dir.resolve().name}"
     written = write_report(result, out, method=name, figures=not no_figures)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import fail
+from derestainer.cli.common import fail
 
 
 @click.command(short_help="Export a checkpoint's generator as one model file.")
@@ -18,16 +18,12 @@ from .common import fail
 def export(checkpoint: Path, out: Path, mpp: float | None) -> None:
     """Write the generator with its config and training resolution (size, µm/px) in the metadata.
 
-    The file loads without unpickling anything (derestainer.training.checkpoint.load_generator) and is
+    The file loads without unpickling anything (derestainer.models.files.load_generator) and is
     what `derestainer translate` and `translate-slide` take as --checkpoint.
     """
-    from ..inference.patches import export_model
-    from ..training.checkpoint import CheckpointError
+    from derestainer.inference.loading import export_model
 
     if mpp is not None and mpp <= 0:
         raise fail(f"--mpp must be positive, got {mpp}")
-    try:
-        meta = export_model(checkpoint, out, mpp=mpp)
-    except CheckpointError as exc:
-        raise fail(str(exc)) from None
+    meta = export_model(checkpoint, out, mpp=mpp)
     click.echo(f"{out}: {meta['model']} generator, trained at {meta['size']} px, {meta['mpp']:g} µm/px")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import fail
+from derestainer.cli.common import fail
 
 
 @click.command(short_help="Split images into H, E and DAB channel images.")
@@ -18,14 +18,11 @@ from .common import fail
               show_default=True, help="Ruifrok's fixed vectors, or per-image Macenko estimation.")
 def separate(images: tuple[Path, ...], out_dir: Path, second: str, matrix: str) -> None:
     """Write H, E and DAB channel images and an original|H|E-or-DAB panel (paper Fig. 1b) per image."""
-    from ..io import ImageReadError, read_image
-    from ..stain.panels import separate_image
+    from derestainer.core.io import read_image
+    from derestainer.stain.panels import separate_image
 
     for path in images:
-        try:
-            rgb = read_image(path)
-        except ImageReadError as exc:
-            raise fail(str(exc)) from None
+        rgb = read_image(path)  # an unreadable image is an ImageReadError: one line, via the CLI group
         try:
             written = separate_image(rgb, out_dir, path.stem, second=second, matrix=matrix)
         except ValueError as exc:

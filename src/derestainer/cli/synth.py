@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import fail
+from derestainer.cli.common import fail
 
 
 @click.command(short_help="Generate synthetic paired H&E/HER2 IHC (SynthBCI).")
@@ -31,7 +31,7 @@ def synth(out_dir: Path, n_train: int, n_test: int, size: int, seed: int, worker
     Files are named like BCI's, NNNNN_{split}_{level}.png, with the same name under HE/ and IHC/.
     The IHC is an adjacent section: slightly displaced and deformed relative to the H&E.
     """
-    from ..data.synth import generate_dataset, stale_files
+    from derestainer.data.synth import generate_dataset, stale_files
 
     if n_train + n_test == 0:
         raise fail("nothing to generate: give --train and/or --test greater than 0")

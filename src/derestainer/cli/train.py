@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from .common import fail
-
 
 @click.command(short_help="Train DeReStainer (or a baseline) on paired H&E/IHC data.")
 @click.option("--config", "-c", "config", default=None, metavar="PRESET|FILE.yaml",
@@ -36,63 +34,40 @@ def train(config: str | None, overrides: tuple[str, ...], data_root: Path | None
     import logging
     import os
 
-    from ..config import (
-        ConfigError,
-        dump_yaml,
-        from_dict,
-        load_config,
-        parse_override,
-        replace,
-    )
+    from derestainer.core.config import dump_yaml, from_dict, load_config, parse_override, replace
+    from derestainer.core.runs import CHECKPOINTS, find_checkpoint
+    from derestainer.training.resume import Resume
+    from derestainer.training.state import read_state
 
     preset = config
     ckpt_cfg: dict | None = None  # the config stored in the checkpoint given to --resume
     if preset is None and resume is not None and resume != "latest":
-        from ..training.checkpoint import CheckpointError
-        from ..training.state import CHECKPOINTS, read_state, resolve_checkpoint
-
-        try:
-            ckpt = resolve_checkpoint(resume)
-            _, ckpt_cfg = read_state(ckpt)
-        except CheckpointError as exc:
-            raise fail(str(exc)) from None
+        ckpt = find_checkpoint(resume)
+        _, ckpt_cfg = read_state(ckpt)
         if out_dir is None:  # the checkpoint's own run folder (…/RUN/checkpoints/step-N)
             out_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else Path(resume)
-    if preset is None and ckpt_cfg is None:
+    if ckpt_cfg is not None:
+        cfg = from_dict(ckpt_cfg)
+        for item in overrides:
+            (section, key), value = parse_override(item)
+            cfg = replace(cfg, **{section: {key: value}})
+    else:
         run_cfg = (out_dir / "config.yaml") if out_dir is not None else None
-        preset = str(run_cfg) if resume is not None and run_cfg is not None and run_cfg.is_file() else "paper"
-    try:
-        if ckpt_cfg is not None:
-            cfg = from_dict(ckpt_cfg)
-            for item in overrides:
-                (section, key), value = parse_override(item)
-                cfg = replace(cfg, **{section: {key: value}})
-        else:
-            cfg = load_config(preset, list(overrides))
-        if data_root is not None:
-            cfg = replace(cfg, data={"root": str(data_root)})
-        if out_dir is not None:
-            cfg = replace(cfg, train={"out": str(out_dir)})
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
+        use_run_cfg = preset is None and resume is not None and run_cfg is not None and run_cfg.is_file()
+        cfg = load_config(str(run_cfg) if use_run_cfg else (preset or "paper"), list(overrides))
+    if data_root is not None:
+        cfg = replace(cfg, data={"root": str(data_root)})
+    if out_dir is not None:
+        cfg = replace(cfg, train={"out": str(out_dir)})
     if dry_run:
         click.echo(dump_yaml(cfg), nl=False)
         return
 
-    from ..data.datasets import DatasetError
-    from ..io import ImageReadError
-    from ..training.checkpoint import CheckpointError
-    from ..training.loop import TrainingError
-    from ..training.loop import train as run_training
+    from derestainer.training.loop import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    target: bool | str = False
-    if resume is not None:
-        target = True if resume == "latest" else resume
-    try:
-        summary = run_training(cfg, resume=target)
-    except (ConfigError, DatasetError, ImageReadError, CheckpointError, TrainingError) as exc:
-        raise fail(str(exc)) from None
+    target: Resume = "new" if resume is None else "latest" if resume == "latest" else Path(resume)
+    summary = run_training(cfg, resume=target)
     val = summary.get("validation") or {}
     msg = f"trained {summary['steps']} steps in {summary['seconds']:.0f} s; run folder {summary['run_dir']}"
     if val:

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import click
 
-from .common import fail
+from derestainer.cli.common import fail
+from derestainer.core.errors import DerestainerError
+
+if TYPE_CHECKING:
+    from derestainer.data.datasets import PairedImageDataset
+    from derestainer.models.classifier import ClassifierArch
+    from derestainer.training.classifier import Balance
+    from derestainer.training.classifier_data import Subset
+
+#: Dataset layouts the command reads.
+Layout = Literal["bci", "mist", "folders"]
 
 
 @click.command("train-classifier", short_help="Train the HER2 IHC classifier (comparator C / evaluator).")
@@ -49,9 +60,9 @@ from .common import fail
 @click.option("--pretrained", type=click.Path(path_type=Path), default=None,
               help="LOCAL ImageNet weights of the ResNet (.safetensors or plain .pth state dict); never downloaded.")
 def train_classifier(
-    data_root: Path, layout: str, he_dir: str, ihc_dir: str, levels_csv: Path | None, out: Path, arch: str,
+    data_root: Path, layout: Layout, he_dir: str, ihc_dir: str, levels_csv: Path | None, out: Path, arch: ClassifierArch,
     size: int, steps: int | None, epochs: float | None, batch_size: int, lr: float, weight_decay: float,
-    seed: int, subset: str, train_split: str, val_split: str, val_fraction: float, balance: str,
+    seed: int, subset: Subset, train_split: str, val_split: str, val_fraction: float, balance: Balance,
     augment: bool, cache: bool, workers: int | None, device: str, pretrained: Path | None,
 ) -> None:
     """Train a HER2 level classifier (0, 1+, 2+, 3+) on IHC images, class-balanced, and report
@@ -60,10 +71,9 @@ def train_classifier(
     The comparator C of L_cmp and the evaluator of the semantic metrics are two runs of this command,
     kept independent: another --seed and, where data allows, --subset even / --subset odd.
     """
-    from ..data.datasets import BCIDataset, DatasetError, MISTDataset, PairedFolderDataset
-    from ..io import ImageReadError
-    from ..training.checkpoint import CheckpointError
-    from ..training.classifier import ClassifierDataError, fit_classifier, format_confusion
+    from derestainer.data.datasets import BCIDataset, MISTDataset, PairedFolderDataset
+    from derestainer.training.classifier import fit_classifier
+    from derestainer.training.classifier_metrics import format_confusion
 
     if steps is not None and epochs is not None:
         raise fail("give --steps or --epochs, not both")
@@ -71,7 +81,7 @@ def train_classifier(
         workers = min(4, os.cpu_count() or 1)
     held_out = val_split.lower() in ("none", "")
 
-    def open_split(split: str):  # noqa: ANN202 - a paired dataset
+    def open_split(split: str) -> PairedImageDataset:
         if layout == "bci":
             return BCIDataset(data_root, split)
         if layout == "mist":
@@ -98,7 +108,9 @@ def train_classifier(
                         "val_split": None if held_out else val_split},
             val_name=None if held_out else f"split {val_split}", log=lambda msg: click.echo(msg, err=True),
         )
-    except (DatasetError, ClassifierDataError, CheckpointError, ImageReadError, ValueError, FloatingPointError) as exc:
+    except DerestainerError:
+        raise  # the CLI group reports these
+    except (ValueError, FloatingPointError) as exc:  # bad option values, a diverging run: user errors too
         raise fail(str(exc)) from None
 
     click.echo(f"trained {arch} on {m['n_train']} images {m['train_counts']} for {m['steps']} steps "

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .common import fail, inference_options
+from derestainer.cli.common import fail, inference_options
+
+if TYPE_CHECKING:
+    from derestainer.inference.precision import Precision
 
 
 @click.command(short_help="Translate H&E images or folders into virtual IHC.")
@@ -25,7 +29,7 @@ from .common import fail, inference_options
                    "Default: inputs are taken to be at the training resolution.")
 @inference_options
 def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_size: int, device: str, tta: bool,
-              recursive: bool, input_mpp: float | None, precision: str, fast: bool) -> None:
+              recursive: bool, input_mpp: float | None, precision: Precision, fast: bool) -> None:
     """Translate INPUTS (images and/or folders) into virtual IHC PNGs of the same size in --out.
 
     Also writes OUT/predictions.csv and OUT/predictions.json: the predicted HER2 level and the
@@ -33,22 +37,15 @@ def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_s
     """
     from tqdm.auto import tqdm
 
-    from ..inference.patches import collect_inputs, load_model, translate_files
-    from ..io import ImageReadError
-    from ..training.checkpoint import CheckpointError
+    from derestainer.inference.folders import collect_inputs, translate_files
+    from derestainer.inference.loading import load_model
 
     try:
         jobs = collect_inputs(inputs, recursive=recursive)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # a missing input, clashing outputs, no images
         raise fail(str(exc)) from None
-    try:
-        lm = load_model(checkpoint, device, fast=fast, precision=precision)
-    except (CheckpointError, RuntimeError) as exc:
-        raise fail(str(exc)) from None
+    lm = load_model(checkpoint, device, fast=fast, precision=precision)
     with tqdm(total=len(jobs), unit="img", desc="translate") as bar:
-        try:
-            rows = translate_files(lm, jobs, out_dir, batch_size=batch_size, tta=tta, input_mpp=input_mpp,
-                                   precision=precision, progress=bar.update)
-        except ImageReadError as exc:
-            raise fail(str(exc)) from None
+        rows = translate_files(lm, jobs, out_dir, batch_size=batch_size, tta=tta, input_mpp=input_mpp,
+                               precision=precision, progress=bar.update)
     click.echo(f"{len(rows)} images → {out_dir} (predictions.csv, predictions.json); model {lm.path} on {lm.device}")

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .common import fail, inference_options
+from derestainer.cli.common import fail, inference_options
+
+if TYPE_CHECKING:
+    from derestainer.inference.ometiff import Compression, Layout
+    from derestainer.inference.precision import Precision
 
 
 @click.command("translate-slide", short_help="Translate whole slides into pyramidal OME-TIFFs.")
@@ -42,49 +47,33 @@ from .common import fail, inference_options
 @click.option("--recursive", is_flag=True, help="Search folder inputs recursively for slides.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def translate_slide(slides: tuple[Path, ...], checkpoint: Path, out: Path, slide_mpp: float | None, tile: int,
-                    overlap: int, margin: int, batch_size: int, compression: str, quality: int, layout: str,
+                    overlap: int, margin: int, batch_size: int, compression: Compression, quality: int, layout: Layout,
                     resume: bool, keep_work: bool, all_tiles: bool, min_tissue: float, level_threshold: float,
-                    device: str, precision: str, fast: bool, workers: int, recursive: bool, quiet: bool) -> None:
+                    device: str, precision: Precision, fast: bool, workers: int, recursive: bool, quiet: bool) -> None:
     """Translate SLIDES (files or folders: SVS, NDPI, MRXS, TIFF, OME-TIFF, PNG, …) into virtual IHC.
 
     Output per slide: NAME.ome.tiff (tiled, pyramidal, at the model's training µm/px, with the
     physical pixel size), NAME.heatmap.png, NAME.tiles.csv (per-tile HER2 probabilities) and
     NAME.summary.json. Under torchrun, slide i goes to rank i % WORLD_SIZE.
     """
-    from ..inference.patches import load_model
-    from ..inference.wsi import (
-        SlideError,
-        SlideOptions,
-        dist_rank_world,
-        list_slides,
-        output_for,
-        shard,
-    )
-    from ..inference.wsi import translate_slide as run_slide
-    from ..training.checkpoint import CheckpointError
+    from derestainer.inference.loading import load_model
+    from derestainer.inference.slide_jobs import dist_rank_world, list_slides, output_for, shard
+    from derestainer.inference.slide_options import SlideOptions
+    from derestainer.inference.wsi import translate_slide as run_slide
 
     if slide_mpp is not None and slide_mpp <= 0:
         raise fail(f"--mpp must be positive, got {slide_mpp}")
-    try:
-        paths = list_slides(slides, recursive=recursive)
-        outs = output_for(paths, out)
-    except SlideError as exc:
-        raise fail(str(exc)) from None
+    paths = list_slides(slides, recursive=recursive)
+    outs = output_for(paths, out)
     rank, world = dist_rank_world()
     mine = shard(list(zip(paths, outs)), rank, world)
-    try:
-        lm = load_model(checkpoint, device, fast=fast, precision=precision)
-    except (CheckpointError, RuntimeError) as exc:
-        raise fail(str(exc)) from None
+    lm = load_model(checkpoint, device, fast=fast, precision=precision)
     opts = SlideOptions(tile=tile, overlap=overlap, margin=margin, batch_size=batch_size, compression=compression,
                         quality=quality, layout=layout, slide_mpp=slide_mpp, resume=resume, keep_work=keep_work,
                         all_tiles=all_tiles, min_tissue=min_tissue, level_threshold=level_threshold,
                         precision=precision, progress=not quiet, workers=workers)
     for slide, dst in mine:
-        try:
-            s = run_slide(lm, slide, dst, opts)
-        except SlideError as exc:
-            raise fail(str(exc)) from None
+        s = run_slide(lm, slide, dst, opts)
         for warning in s.get("warnings", []):
             click.echo(f"warning: {slide}: {warning}", err=True)
         level = f", slide level {s['predicted_level']}" if s.get("predicted_level") is not None else ""

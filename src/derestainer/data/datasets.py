@@ -11,11 +11,11 @@ Checks happen in two places, and always name the file:
   the unmatched files), unknown BCI labels. ``dataset.names`` and ``dataset.levels`` are therefore
   available without opening any image (the classifier trainer needs only those).
 * **When an item is loaded**: unreadable or truncated images raise
-  :class:`derestainer.io.ImageReadError`; two images of a pair with different sizes raise
+  :class:`derestainer.core.io.ImageReadError`; two images of a pair with different sizes raise
   :class:`PairSizeError` naming both files and sizes. ``verify=True`` (or :func:`check`) decodes every
   pair up front and reports all failures at once.
 
-Images are read by :func:`derestainer.io.read_image`, which converts other modes to RGB: grayscale
+Images are read by :func:`derestainer.core.io.read_image`, which converts other modes to RGB: grayscale
 (L, 1, 16-bit I;16) is replicated to three channels (16-bit scaled to 8 bits), palette images are
 expanded, and RGBA/LA are composited over white (the colour of an empty glass slide).
 
@@ -29,111 +29,34 @@ loader so that forked workers share the filled cache (:func:`build_dataset` does
 
 from __future__ import annotations
 
-import csv
 import os
-import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from .. import HER2_LEVELS
-from ..io import IMAGE_SUFFIXES, ImageReadError, list_images, read_image, to_tensor_uint8
-from .transforms import PairedTransform, build_transform
+from derestainer.core.errors import DatasetError, ImageReadError, PairSizeError
+from derestainer.core.io import IMAGE_SUFFIXES, list_images, read_image, to_tensor_uint8
+from derestainer.core.levels import BCI_NAME, HER2_LEVELS, LEVEL_TOKENS, UNKNOWN, parse_bci_level, parse_level, read_labels_csv
+from derestainer.data.transforms import PairedTransform, build_transform
 
 if TYPE_CHECKING:
-    from ..config import DataConfig
+    from derestainer.core.config import DataConfig
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = str | os.PathLike[str]
 PairTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-LevelSource = Union[PathLike, Mapping[str, int], Callable[[str], int], None]
+LevelSource = PathLike | Mapping[str, int] | Callable[[str], int] | None
 
-#: BCI file stems: ``NNNNN_{split}_{label}``, e.g. ``00012_train_2+``.
-BCI_NAME = re.compile(r"^(?P<index>\d+)_(?P<split>[A-Za-z]+)_(?P<label>[^_]+)$")
-#: Label token → class index (``derestainer.HER2_LEVELS`` order).
-LEVEL_TOKENS: dict[str, int] = {tok: i for i, tok in enumerate(HER2_LEVELS)}
 #: How many unmatched / failing files an error message lists before "... and N more".
 _SHOW = 5
 
 
-class DatasetError(ValueError):
-    """A dataset's folders, file names, labels or pairs do not fit what the loader expects."""
-
-
-class PairSizeError(DatasetError):
-    """The H&E and IHC images of a pair have different sizes."""
-
-
-# ----------------------------------------------------------------------------- names and labels
-def parse_bci_level(name: PathLike) -> int:
-    """HER2 level from a BCI file name (``00012_train_2+.png`` → 2); ``name`` may be a path.
-
-    Raises:
-        DatasetError: the name does not follow ``NNNNN_{split}_{0|1+|2+|3+}``, or its label is unknown.
-    """
-    stem = Path(name).stem
-    m = BCI_NAME.match(stem)
-    if m is None:
-        raise DatasetError(f"{name}: not a BCI file name; expected NNNNN_{{split}}_{{0|1+|2+|3+}}.png")
-    label = m.group("label")
-    if label not in LEVEL_TOKENS:
-        raise DatasetError(f"{name}: unknown HER2 label {label!r}; BCI names end in _0, _1+, _2+ or _3+")
-    return LEVEL_TOKENS[label]
-
-
-def _bci_level_or_none(stem: str) -> int | None:
-    m = BCI_NAME.match(stem)
-    if m is None or m.group("label") not in LEVEL_TOKENS:
-        return None
-    return LEVEL_TOKENS[m.group("label")]
-
-
-def _parse_level_value(value: Any, where: str) -> int:
-    """0..3, '0'|'1+'|'2+'|'3+'|'1'|..., and -1 / '' / 'unknown' for unknown."""
-    if isinstance(value, bool):
-        raise DatasetError(f"{where}: HER2 level must be 0..3 or -1, got {value!r}")
-    if isinstance(value, int):
-        lvl = value
-    else:
-        s = str(value).strip().lower()
-        if s in ("", "-1", "unknown", "na", "nan"):
-            return -1
-        if s in LEVEL_TOKENS:
-            return LEVEL_TOKENS[s]
-        try:
-            lvl = int(s)
-        except ValueError:
-            raise DatasetError(f"{where}: HER2 level must be 0, 1+, 2+, 3+ (or 0..3, -1 for unknown), got {value!r}") from None
-    if not -1 <= lvl <= 3:
-        raise DatasetError(f"{where}: HER2 level must be 0..3 or -1, got {value!r}")
-    return lvl
-
-
-def read_level_csv(path: PathLike) -> dict[str, int]:
-    """Read a ``name,level`` CSV (header optional) into ``{stem: level}``; names may carry a suffix."""
-    p = Path(path)
-    if not p.is_file():
-        raise DatasetError(f"{p}: level CSV not found (expected rows 'name,level')")
-    out: dict[str, int] = {}
-    with open(p, newline="", encoding="utf-8-sig") as fh:
-        for lineno, row in enumerate(csv.reader(fh), start=1):
-            if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
-                continue
-            if len(row) < 2:
-                raise DatasetError(f"{p}:{lineno}: expected 'name,level', got {','.join(row)!r}")
-            name, value = row[0].strip(), row[1].strip()
-            if lineno == 1 and name.lower() in ("name", "file", "filename", "image", "stem"):
-                continue  # header
-            stem = Path(name).stem if Path(name).suffix.lower() in IMAGE_SUFFIXES else name
-            out[stem] = _parse_level_value(value, f"{p}:{lineno}")
-    return out
-
-
+# ----------------------------------------------------------------------------- helpers
 def _short_list(items: Sequence[Any]) -> str:
     shown = ", ".join(str(x) for x in items[:_SHOW])
     return shown + (f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
@@ -359,16 +282,17 @@ class PairedFolderDataset(PairedImageDataset):
         pairs = pair_folders(he_dir, ihc_dir)
         stems = [s for s, _, _ in pairs]
         if levels is None:
-            lv = [-1 if (b := _bci_level_or_none(s)) is None else b for s in stems]
+            # a BCI-style name (NNNNN_{split}_{level}) gives its level, any other name "unknown"
+            lv = [LEVEL_TOKENS.get(m.group("label"), UNKNOWN) if (m := BCI_NAME.match(s)) else UNKNOWN for s in stems]
         elif callable(levels) and not isinstance(levels, (str, os.PathLike, Mapping)):
-            lv = [_parse_level_value(levels(s), f"level of {s!r} from {getattr(levels, '__name__', levels)!r}") for s in stems]
+            lv = [parse_level(levels(s), f"level of {s!r} from {getattr(levels, '__name__', levels)!r}") for s in stems]
         else:
-            table = read_level_csv(levels) if isinstance(levels, (str, os.PathLike)) else dict(levels)
+            table = read_labels_csv(levels) if isinstance(levels, (str, os.PathLike)) else dict(levels)
             unlabelled = [s for s in stems if s not in table]
             if unlabelled:
                 warnings.warn(f"{len(unlabelled)} of {len(stems)} pairs have no level in the level table "
                               f"(level -1): {_short_list(unlabelled)}", stacklevel=2)
-            lv = [_parse_level_value(table.get(s, -1), f"level of {s!r}") for s in stems]
+            lv = [parse_level(table.get(s, UNKNOWN), f"level of {s!r}") for s in stems]
         self.he_dir, self.ihc_dir = Path(he_dir), Path(ihc_dir)
         super().__init__(pairs, lv, transform=transform, cache=cache, verify=verify)
 

@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from skimage.color import deltaE_ciede2000, rgb2lab
+from skimage.color import deltaE_ciede2000, lab2rgb, rgb2lab
 
-from ..stain.numpy_ops import stain_concentration_np
+from derestainer.stain.numpy_ops import stain_concentration_np
 
 #: Summed optical density (natural log, over R, G, B) above which a pixel is tissue.
 TISSUE_OD: float = 0.3
@@ -46,8 +46,6 @@ def median_lab(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
 
 def lab_to_rgb8(lab: np.ndarray) -> list[int]:
     """CIELAB ``[3]`` → sRGB 0..255 (rounded), for reporting."""
-    from skimage.color import lab2rgb
-
     rgb = np.clip(lab2rgb(np.asarray(lab, dtype=np.float64)[None, None])[0, 0], 0, 1) * 255
     return [int(v) for v in np.rint(rgb)]
 

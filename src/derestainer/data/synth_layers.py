@@ -16,8 +16,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..stain.matrices import LOG_ADJUST
-from ..stain.numpy_ops import hed_to_rgb_np
+from derestainer.stain.matrices import LOG_ADJUST
+from derestainer.stain.numpy_ops import hed_to_rgb_np
 
 #: Tissue classes of the layout map.
 BACKGROUND, STROMA, TUMOUR, LUMEN, FAT = 0, 1, 2, 3, 4

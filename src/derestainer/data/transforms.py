@@ -39,8 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from derestainer.core.ranges import signed_to_uint8, uint8_to_signed
+
 if TYPE_CHECKING:
-    from ..config import DataConfig
+    from derestainer.core.config import DataConfig
 
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "area", "bicubic", "nearest")
 
@@ -52,7 +54,7 @@ def to_model_space(image: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
     """``uint8`` image(s), any shape (``[3,H,W]`` or ``[N,3,H,W]``) → float in ``[-1, 1]``: ``x/127.5 − 1``."""
     if image.dtype != torch.uint8:
         raise TypeError(f"to_model_space expects a uint8 tensor, got {image.dtype}")
-    return image.to(dtype) / 127.5 - 1.0
+    return uint8_to_signed(image, dtype)
 
 
 def from_model_space(image: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,7 @@ def from_model_space(image: torch.Tensor) -> torch.Tensor:
     :func:`to_model_space` on its outputs."""
     if not image.is_floating_point():
         raise TypeError(f"from_model_space expects a float tensor, got {image.dtype}")
-    return ((image.detach().float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return signed_to_uint8(image)
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -117,10 +119,10 @@ class PairParams:
 def apply_params(image: torch.Tensor, params: PairParams) -> torch.Tensor:
     """Apply :class:`PairParams` to ``[..., H, W]`` (any dtype). Returns a contiguous tensor."""
     if params.crop is not None:
-        t, l, h, w = params.crop
-        if t < 0 or l < 0 or t + h > image.shape[-2] or l + w > image.shape[-1]:
+        top, left, h, w = params.crop
+        if top < 0 or left < 0 or top + h > image.shape[-2] or left + w > image.shape[-1]:
             raise ValueError(f"crop {params.crop} does not fit an image of size {tuple(image.shape[-2:])}")
-        image = image[..., t:t + h, l:l + w]
+        image = image[..., top:top + h, left:left + w]
     if params.hflip:
         image = image.flip(-1)
     if params.vflip:

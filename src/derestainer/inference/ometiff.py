@@ -27,16 +27,14 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from ..io import atomic_path
-from .tiling import downsample2_rows, rows_to_tiles
-
-COMPRESSIONS = ("jpeg", "lossless")
-LAYOUTS = ("ome", "openslide")
+from derestainer.core.io import atomic_path
+from derestainer.inference.tiling import downsample2_rows, rows_to_tiles
 
 
 def level_shapes(height: int, width: int, tile: int = 256, min_side: int | None = None) -> list[tuple[int, int]]:
@@ -120,6 +118,69 @@ def _tee_downsample(rows: Iterable[np.ndarray], spool: _Spool | None) -> Iterato
     spool.close()
 
 
+#: TIFF compression of the pyramid: JPEG at a quality, or Deflate with predictor.
+Compression = Literal["jpeg", "lossless"]
+#: Where the reduced levels go: SubIFDs of an OME-TIFF, or further top-level pages.
+Layout = Literal["ome", "openslide"]
+COMPRESSIONS: tuple[str, ...] = get_args(Compression)
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+
+
+@dataclass(frozen=True)
+class PyramidOptions:
+    """How :func:`write_pyramid` writes the file.
+
+    Attributes:
+        tile: TIFF tile side (multiple of 16).
+        compression: ``jpeg`` or ``lossless`` (Deflate + predictor).
+        quality: JPEG quality.
+        layout: ``ome`` (SubIFD pyramid, OME-XML) or ``openslide`` (top-level reduced pages).
+        name: OME image name.
+        description: ImageDescription for the ``openslide`` layout.
+    """
+
+    tile: int = 256
+    compression: Compression = "jpeg"
+    quality: int = 90
+    layout: Layout = "ome"
+    name: str = "virtual IHC"
+    description: str = ""
+
+    def check(self) -> None:
+        """Raises ValueError for an unknown compression or layout, or a tile side that is not a multiple of 16."""
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.tile % 16:
+            raise ValueError(f"TIFF tile side must be a multiple of 16, got {self.tile}")
+
+
+def _common_kwargs(o: PyramidOptions) -> dict[str, Any]:
+    """tifffile ``write`` arguments shared by every level: tiling, colour, compression."""
+    common: dict[str, Any] = {"tile": (o.tile, o.tile), "photometric": "rgb", "dtype": np.uint8,
+                              "resolutionunit": "CENTIMETER"}
+    if o.compression == "jpeg":
+        common.update(compression="jpeg", compressionargs={"level": int(o.quality)})
+    else:
+        common.update(compression="zlib", compressionargs={"level": 6}, predictor=True)
+    return common
+
+
+def _level_kwargs(o: PyramidOptions, k: int, n_levels: int, mpp: float) -> dict[str, Any]:
+    """tifffile ``write`` arguments of level ``k`` (of ``n_levels``) beyond the common ones; ``mpp``: of the base."""
+    if k > 0:
+        # reduced-resolution image; the openslide layout carries no OME-XML
+        return {"subfiletype": 1, **({"metadata": None} if o.layout == "openslide" else {})}
+    if o.layout == "openslide":
+        return {"description": o.description or o.name, "metadata": None}
+    return {"subifds": n_levels - 1, "metadata": {
+        "axes": "YXS", "Name": o.name,
+        "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm",
+    }}
+
+
 def write_pyramid(
     path: str | os.PathLike[str],
     rows: Iterable[np.ndarray],
@@ -128,12 +189,7 @@ def write_pyramid(
     mpp: float,
     *,
     work_dir: str | os.PathLike[str],
-    tile: int = 256,
-    compression: str = "jpeg",
-    quality: int = 90,
-    layout: str = "ome",
-    name: str = "virtual IHC",
-    description: str = "",
+    options: PyramidOptions = PyramidOptions(),
 ) -> dict[str, Any]:
     """Write a tiled pyramidal TIFF from a stream of full-width RGB row blocks, atomically.
 
@@ -143,36 +199,26 @@ def write_pyramid(
         height, width: base image size.
         mpp: microns per pixel of the base level.
         work_dir: folder for the spooled reduced levels (created; emptied of spool files after).
-        tile: TIFF tile side (multiple of 16).
-        compression: ``jpeg`` or ``lossless`` (Deflate + predictor).
-        quality: JPEG quality.
-        layout: ``ome`` (SubIFD pyramid, OME-XML) or ``openslide`` (top-level reduced pages).
-        name: OME image name.
-        description: ImageDescription for the ``openslide`` layout.
+        options: tile side, compression, layout, names (:class:`PyramidOptions`).
 
     Returns:
         ``{"levels": [(h, w), ...], "mpp": [...per level], "compression", "layout", "tile"}``.
 
+    Raises:
+        ValueError: bad options, or row blocks that do not make a ``height × width`` RGB image.
+
     Nothing is left at ``path`` if writing fails or is interrupted (temporary name, then rename).
     """
-    import tifffile
+    import tifffile  # optional (the wsi extra)
 
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if tile % 16:
-        raise ValueError(f"TIFF tile side must be a multiple of 16, got {tile}")
-    shapes = level_shapes(height, width, tile)
+    o = options
+    o.check()
+    shapes = level_shapes(height, width, o.tile)
     work = Path(work_dir)
-    common: dict[str, Any] = {"tile": (tile, tile), "photometric": "rgb", "dtype": np.uint8, "resolutionunit": "CENTIMETER"}
-    if compression == "jpeg":
-        common.update(compression="jpeg", compressionargs={"level": int(quality)})
-    else:
-        common.update(compression="zlib", compressionargs={"level": 6}, predictor=True)
+    common = _common_kwargs(o)
     spools: list[_Spool] = []
     try:
-        with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=(layout == "ome")) as tif:
+        with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=(o.layout == "ome")) as tif:
             for k, (h, w) in enumerate(shapes):
                 src: Iterable[np.ndarray] = rows if k == 0 else spools[k - 1]
                 nxt = _Spool(work, f"level{k + 1}") if k + 1 < len(shapes) else None
@@ -180,23 +226,8 @@ def write_pyramid(
                     spools.append(nxt)
                 stream = _checked(_tee_downsample(src, nxt), h, w, k)
                 px_per_cm = 1e4 / (mpp * width / w)
-                kwargs: dict[str, Any] = {**common, "shape": (h, w, 3), "resolution": (px_per_cm, px_per_cm)}
-                if k == 0:
-                    if layout == "ome":
-                        kwargs["subifds"] = len(shapes) - 1
-                        kwargs["metadata"] = {
-                            "axes": "YXS", "Name": name,
-                            "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
-                            "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm",
-                        }
-                    else:
-                        kwargs["description"] = description or name
-                        kwargs["metadata"] = None
-                else:
-                    kwargs["subfiletype"] = 1  # reduced-resolution image
-                    if layout == "openslide":
-                        kwargs["metadata"] = None
-                tif.write(rows_to_tiles(stream, w, tile), **kwargs)
+                tif.write(rows_to_tiles(stream, w, o.tile), **common, shape=(h, w, 3),
+                          resolution=(px_per_cm, px_per_cm), **_level_kwargs(o, k, len(shapes), mpp))
                 # tifffile stops pulling once it has every tile; run the stream to its end so that the
                 # row count is checked and the next level's spool is flushed.
                 for _ in stream:
@@ -208,9 +239,9 @@ def write_pyramid(
     return {
         "levels": [list(s) for s in shapes],
         "mpp": [mpp * width / s[1] for s in shapes],
-        "compression": compression,
-        "layout": layout,
-        "tile": tile,
+        "compression": o.compression,
+        "layout": o.layout,
+        "tile": o.tile,
     }
 
 

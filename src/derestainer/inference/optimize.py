@@ -16,7 +16,7 @@ step                          what it does                                      
 ``skip_unused``               heads only the training losses need (DeReStainer's f_H)      ``h_embed_he`` is None
                               are not run
 ``precision``                 ``fp32`` | ``bf16`` autocast | ``auto``                     bf16: ~1e-2 (model space)
-                              (:func:`default_precision`: bf16 on CUDA and on CPUs with
+                              (:mod:`.precision`: bf16 on CUDA and on CPUs with
                               native bf16, else fp32); stain separation stays fp32
 ``compile``                   ``torch.compile`` of the whole forward (off by default)     fp32 rounding
 ============================  =========================================================  ==============================
@@ -33,33 +33,19 @@ import contextlib
 import copy
 import itertools
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..layers.modulated_conv import ModulatedConv2d
-from ..models.base import GenOutput
+from derestainer.inference.precision import Precision, bf16_autocast, check_precision, fast_precision
+from derestainer.layers.modulated_conv import ModulatedConv2d
+from derestainer.models.base import GenOutput
 
-PRECISIONS = ("auto", "fp32", "bf16")
-MODCONV_MODES = ("auto", "fused", "unfused", "keep")
-
-#: Whether ``precision="auto"`` may pick bf16 autocast on CPU: only on CPUs with native bf16
-#: dot products (:func:`native_cpu_bf16`). Measured on the 2-core AMD EPYC (Zen 5, avx512_bf16)
-#: of docs/performance.md: bf16 about 2x the fp32 fast path for DeReStainer, whose fp32
-#: convolutions already run near the core's fp32 peak. Without such instructions oneDNN emulates
-#: bf16 by conversions and fp32 is the faster choice.
-CPU_AUTO_BF16 = True
-
-
-def native_cpu_bf16() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
-    try:
-        caps = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):
-        return False
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+#: How modulated convolutions run (:func:`set_modconv_mode`).
+ModconvMode = Literal["auto", "fused", "unfused", "keep"]
+MODCONV_MODES: tuple[str, ...] = get_args(ModconvMode)
 
 
 @dataclass(frozen=True)
@@ -70,15 +56,14 @@ class FastPathOptions:
     channels_last: bool = True
     inference_mode: bool = True
     inplace: bool = True
-    modconv: str = "auto"
+    modconv: ModconvMode = "auto"
     skip_unused: bool = True
-    precision: str = "auto"
+    precision: Precision = "auto"
     compile: bool = False
     compile_mode: str | None = None
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.modconv not in MODCONV_MODES:
             raise ValueError(f"modconv must be one of {MODCONV_MODES}, got {self.modconv!r}")
 
@@ -89,17 +74,6 @@ class FastPathOptions:
 #: Every step off: the plain eager fp32 model (what ``--compare`` measures the fast path against).
 EAGER = FastPathOptions(fold_bn=False, channels_last=False, inference_mode=False, inplace=False,
                         modconv="fused", skip_unused=False, precision="fp32", compile=False)
-
-
-def default_precision(device: torch.device | str) -> str:
-    """``precision="auto"`` resolved: ``bf16`` on CUDA and on CPUs with native bf16
-    (:func:`native_cpu_bf16`, if :data:`CPU_AUTO_BF16`), else ``fp32``."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return "bf16"
-    if dev.type == "cpu" and CPU_AUTO_BF16 and native_cpu_bf16():
-        return "bf16"
-    return "fp32"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +113,13 @@ def fold_batchnorm(module: nn.Module) -> int:
             conv, bn = seq._modules[a], seq._modules[b]
             if conv is None or bn is None or not _foldable(conv, bn):
                 continue
-            fused = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))  # type: ignore[arg-type]
+            assert isinstance(bn, nn.BatchNorm2d)  # both checked by _foldable
+            fused: nn.Module
+            if isinstance(conv, nn.ConvTranspose2d):
+                fused = fuse_conv_bn_eval(conv, bn, transpose=True)
+            else:
+                assert isinstance(conv, nn.Conv2d)
+                fused = fuse_conv_bn_eval(conv, bn)
             seq._modules[a] = fused
             seq._modules[b] = nn.Identity()
             folded += 1
@@ -178,13 +158,13 @@ def inplace_activations(module: nn.Module) -> int:
     return n
 
 
-def set_modconv_mode(module: nn.Module, mode: str) -> int:
+def set_modconv_mode(module: nn.Module, mode: ModconvMode) -> int:
     """Set every :class:`ModulatedConv2d` to ``fused`` / ``unfused`` / ``auto`` (``keep``: no change)."""
     if mode not in MODCONV_MODES:
         raise ValueError(f"modconv must be one of {MODCONV_MODES}, got {mode!r}")
     if mode == "keep":
         return 0
-    value: bool | str = {"fused": True, "unfused": False, "auto": "auto"}[mode]
+    value: bool | Literal["auto"] = "auto" if mode == "auto" else mode == "fused"
     n = 0
     for m in module.modules():
         if isinstance(m, ModulatedConv2d):
@@ -261,7 +241,7 @@ class InferenceModel(nn.Module):
         self.model = model
         self.options = options
         self.device = device
-        self.precision = options.precision if options.precision != "auto" else default_precision(device)
+        self.precision = fast_precision(device, options.precision)
         self.report = report
         self._run = torch.compile(self._forward, dynamic=False, mode=options.compile_mode) if options.compile else self._forward
 
@@ -276,16 +256,11 @@ class InferenceModel(nn.Module):
     def _grad_mode(self) -> contextlib.AbstractContextManager[Any]:
         return torch.inference_mode() if self.options.inference_mode else torch.no_grad()
 
-    def _autocast(self, device_type: str) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "bf16":
-            return torch.autocast(device_type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def forward(self, he: torch.Tensor, ihc: torch.Tensor | None = None) -> GenOutput:
         if ihc is not None and self.report.get("skipped"):
             raise ValueError(f"this InferenceModel skips {', '.join(self.report['skipped'])} (skip_unused=True): "
                              "it translates H&E only; call it without ihc, or build it with skip_unused=False")
-        with self._grad_mode(), self._autocast(he.device.type):
+        with self._grad_mode(), bf16_autocast(he.device.type, self.precision):
             if self.options.channels_last:
                 he = he.contiguous(memory_format=torch.channels_last)
             out = self._run(he) if ihc is None else self.model(he, ihc)
@@ -338,8 +313,7 @@ def optimize_for_inference(
     report["modconv"] = set_modconv_mode(m, opts.modconv)
     if opts.skip_unused:
         report["skipped"] = skip_training_heads(m)
-    precision = opts.precision if opts.precision != "auto" else default_precision(dev)
-    if precision == "bf16":
+    if fast_precision(dev, opts.precision) == "bf16":
         report["fp32_islands"] = keep_fp32(m)
     if opts.channels_last:
         m = m.to(memory_format=torch.channels_last)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -25,8 +26,6 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of values in [0, 1] (``skimage.filters.threshold_otsu``; 0.5 if constant)."""
-    from skimage.filters import threshold_otsu
-
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0 or v.min() == v.max():
         return 0.5

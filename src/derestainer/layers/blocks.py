@@ -11,10 +11,14 @@ repeat across every tile of a whole slide. ``UpBlock(mode='transpose')`` keeps t
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 
 NORMS = ("batch", "instance", "none")
+#: Padding modes of :class:`torch.nn.Conv2d`.
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 ACTS = ("lrelu", "relu", "tanh", "none")
 
 
@@ -56,7 +60,7 @@ class ConvNormAct(nn.Sequential):
         kernel_size: int = 3,
         stride: int = 1,
         padding: int | None = None,
-        padding_mode: str = "zeros",
+        padding_mode: PaddingMode = "zeros",
         norm: str = "batch",
         act: str = "lrelu",
         negative_slope: float = 0.2,
@@ -92,7 +96,7 @@ class UpBlock(nn.Sequential):
         out_ch: int,
         norm: str = "batch",
         mode: str = "nearest",
-        padding_mode: str = "zeros",
+        padding_mode: PaddingMode = "zeros",
         negative_slope: float = 0.2,
     ) -> None:
         if mode == "nearest":
@@ -113,7 +117,7 @@ class ResidualBlock(nn.Module):
     Shapes: ``[N, C, H, W] -> [N, C, H, W]`` (needs ``H, W ≥ 2`` for reflection padding).
     """
 
-    def __init__(self, channels: int, norm: str = "batch", act: str = "lrelu", padding_mode: str = "reflect") -> None:
+    def __init__(self, channels: int, norm: str = "batch", act: str = "lrelu", padding_mode: PaddingMode = "reflect") -> None:
         super().__init__()
         self.body = nn.Sequential(
             ConvNormAct(channels, channels, 3, padding_mode=padding_mode, norm=norm, act=act),

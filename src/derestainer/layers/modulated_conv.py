@@ -1,4 +1,4 @@
-"""StyleGAN2 modulated convolution with weight demodulation (paper §2.2, DESIGN §4).
+"""StyleGAN2 modulated convolution with weight demodulation (paper §2.2; docs/method.md, “Networks”).
 
 ``ModConv(x, s) = Conv(x, W·(s+1) / sqrt(Σ(W·(s+1))² + eps)) + b``: the weights are scaled per sample
 and per *input* channel by ``s + 1``, then renormalised ("demodulated") per sample and per *output*
@@ -14,6 +14,8 @@ channel. Written after stylegan3's ``modulated_conv2d``: a pure function with tw
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -39,6 +41,9 @@ def demodulation_coefficients(weight: torch.Tensor, styles: torch.Tensor, eps: f
     m2 = (styles + 1.0).square()  # [N, Cin]
     return ((m2[:, None, :] * w2[None]).sum(dim=2) + eps).rsqrt()
 
+
+#: How a modulated convolution is computed: grouped (``True``), unfused (``False``) or by :func:`prefer_fused`.
+FusedMode = bool | Literal["auto"]
 
 #: Batch sizes from which the unfused form is used on CUDA by :func:`prefer_fused` (see there).
 CUDA_UNFUSED_MIN_BATCH = 2
@@ -73,7 +78,7 @@ def modulated_conv2d(
     eps: float = 1e-8,
     padding: int = 0,
     padding_mode: str = "zeros",
-    fused: bool | str = True,
+    fused: FusedMode = True,
 ) -> torch.Tensor:
     """Modulated (and optionally demodulated) 2-d convolution, stride 1, no bias.
 
@@ -133,7 +138,7 @@ class ModulatedConv2d(nn.Module):
     """Modulated convolution layer: affine map ``A: R^style_dim → R^Cin`` then :func:`modulated_conv2d`.
 
     ``A`` starts at zero weight and zero bias, so ``s = 0`` exactly at initialisation and the layer is
-    a plain (demodulated) convolution until the styles learn something (DESIGN §4).
+    a plain (demodulated) convolution until the styles learn something (docs/method.md, “Networks”).
 
     Args:
         in_channels, out_channels, kernel_size: as ``nn.Conv2d`` (stride 1, "same" padding, odd kernel).
@@ -157,7 +162,7 @@ class ModulatedConv2d(nn.Module):
         demodulate: bool = True,
         bias: bool = True,
         padding_mode: str = "reflect",
-        fused: bool | str = True,
+        fused: FusedMode = True,
         eps: float = 1e-8,
     ) -> None:
         super().__init__()

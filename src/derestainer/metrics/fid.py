@@ -20,6 +20,7 @@ therefore comparable only between runs that use the same evaluator checkpoint (r
 from __future__ import annotations
 
 import numpy as np
+from scipy import linalg
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,8 +38,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     ``sqrtm`` to fail (non-finite result), ``eps·I`` is added to both covariances, as pytorch-fid
     does; a small imaginary part from round-off is dropped, a large one is an error.
     """
-    from scipy import linalg
-
     m1, m2 = np.atleast_1d(np.asarray(mu1, dtype=np.float64)), np.atleast_1d(np.asarray(mu2, dtype=np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64)), np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
     if m1.shape != m2.shape or s1.shape != s2.shape or s1.shape != (m1.size, m1.size):

@@ -1,4 +1,4 @@
-"""SSIM and PSNR under the BCI protocol (DESIGN §5), as pure functions on ``uint8 [H, W, 3]`` arrays.
+"""SSIM and PSNR under the BCI protocol (docs/method.md, "Evaluation (§3.2)"), as pure functions on ``uint8 [H, W, 3]`` arrays.
 
 The protocol, exactly:
 
@@ -14,7 +14,7 @@ The protocol, exactly:
 scikit-image itself computes the numbers (no re-implementation): NumPy and torch rewrites were
 timed on 1024 px images and were at best ~1.4× faster than scikit-image's separable box filters,
 not enough to justify a second SSIM to trust, so speed comes from running images in parallel
-processes instead (:mod:`derestainer.metrics.evaluate`).
+processes instead (:mod:`derestainer.evaluation.pool`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 #: How predictions are brought to the ground truth's size (written into every report).
 RESIZE_METHOD: str = "PIL Image.resize(..., Image.BICUBIC) to the ground truth's size, uint8 RGB"
@@ -57,13 +58,11 @@ def resize_to(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
             f"aspect ratio differs: prediction is {a.shape[1]}x{a.shape[0]} px, ground truth {w}x{h} px; "
             "resizing would distort it (is this the right pair?)"
         )
-    return np.asarray(Image.fromarray(a).resize((w, h), Image.BICUBIC))
+    return np.asarray(Image.fromarray(a).resize((w, h), Image.Resampling.BICUBIC))
 
 
 def ssim(gt: np.ndarray, pred: np.ndarray) -> float:
     """BCI-protocol SSIM of two same-size ``uint8 [H, W, 3]`` images (scikit-image; 1.0 when identical)."""
-    from skimage.metrics import structural_similarity
-
     g, p = _check_rgb_uint8(gt, "ground truth"), _check_rgb_uint8(pred, "prediction")
     if g.shape != p.shape:
         raise ValueError(f"shapes differ: ground truth {g.shape}, prediction {p.shape}; resize first (resize_to)")
@@ -72,8 +71,6 @@ def ssim(gt: np.ndarray, pred: np.ndarray) -> float:
 
 def psnr(gt: np.ndarray, pred: np.ndarray) -> float:
     """BCI-protocol PSNR in dB of two same-size ``uint8 [H, W, 3]`` images; ``inf`` when identical."""
-    from skimage.metrics import peak_signal_noise_ratio
-
     g, p = _check_rgb_uint8(gt, "ground truth"), _check_rgb_uint8(pred, "prediction")
     if g.shape != p.shape:
         raise ValueError(f"shapes differ: ground truth {g.shape}, prediction {p.shape}; resize first (resize_to)")

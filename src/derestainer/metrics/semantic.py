@@ -1,4 +1,4 @@
-"""The paper's semantic metrics (§3.2, DESIGN §5) as pure NumPy functions on feature arrays.
+"""The paper's semantic metrics (§3.2; docs/method.md, "Evaluation") as pure NumPy functions on feature arrays.
 
 An evaluator classifier (trained separately from the comparator) embeds every ground-truth IHC of
 the test set into a *library*: L2-normalised pooled features with their HER2 levels. Each generated
@@ -30,11 +30,18 @@ Choices the paper leaves open, all options here, with these defaults:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-SELF_MATCH_CHOICES: tuple[str, ...] = ("include", "exclude")
-TIE_CHOICES: tuple[str, ...] = ("similarity", "nearest")
+from derestainer.core.levels import HER2_LEVELS
+
+#: Whether a generated image's own ground truth is in its library.
+SelfMatch = Literal["include", "exclude"]
+#: kNN tie rule.
+Tie = Literal["similarity", "nearest"]
+SELF_MATCH_CHOICES: tuple[SelfMatch, ...] = get_args(SelfMatch)
+TIE_CHOICES: tuple[Tie, ...] = get_args(Tie)
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -94,7 +101,7 @@ def topk_hits(neighbour_labels: np.ndarray, true_labels: np.ndarray, k: int) -> 
 
 
 def knn_vote(
-    neighbour_labels: np.ndarray, neighbour_sims: np.ndarray, n_classes: int = 4, tie: str = "similarity"
+    neighbour_labels: np.ndarray, neighbour_sims: np.ndarray, n_classes: int = 4, tie: Tie = "similarity"
 ) -> np.ndarray:
     """Majority level among each query's neighbours, ties broken by ``tie`` (module docstring).
 
@@ -128,31 +135,18 @@ def knn_vote(
     return out
 
 
-def confusion_matrix(true: np.ndarray, pred: np.ndarray, n_classes: int = 4) -> np.ndarray:
-    """Counts ``[C, C]``: row = true level, column = predicted level (entries with a level < 0 are skipped)."""
-    t, p = np.asarray(true, dtype=np.int64).ravel(), np.asarray(pred, dtype=np.int64).ravel()
-    if t.shape != p.shape:
-        raise ValueError(f"true and predicted levels must pair up: {t.size} vs {p.size}")
-    ok = (t >= 0) & (p >= 0)
-    if np.any(t[ok] >= n_classes) or np.any(p[ok] >= n_classes):
-        raise ValueError(f"levels must lie in 0..{n_classes - 1}")
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (t[ok], p[ok]), 1)
-    return cm
-
-
 def semantic_metrics(
     query_features: np.ndarray,
     library_features: np.ndarray,
     library_labels: Sequence[int] | np.ndarray,
     query_labels: Sequence[int] | np.ndarray,
     self_index: Sequence[int] | np.ndarray | None = None,
-    self_match: str = "include",
+    self_match: SelfMatch = "include",
     ks: Sequence[int] = (1, 3, 5),
     knn_k: int = 10,
-    tie: str = "similarity",
+    tie: Tie = "similarity",
     n_classes: int = 4,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Top-k and kNN HER2 accuracy of generated images against a ground-truth feature library.
 
     Args:
@@ -184,7 +178,7 @@ def semantic_metrics(
     )
     n_labels = lib_y[idx]  # [Q, k']
     k_avail = idx.shape[1]
-    out: dict[str, object] = {"n": int(q_y.size), "self_match": self_match, "tie": tie}
+    out: dict[str, Any] = {"n": int(q_y.size), "self_match": self_match, "tie": tie}
     hits: dict[str, np.ndarray] = {}
     topk_used: dict[str, int] = {}
     for k in ks:
@@ -197,8 +191,6 @@ def semantic_metrics(
         out[name] = float(h.mean()) if h.size else float("nan")
     out["knn_k"] = k_knn
     out["topk_k"] = topk_used
-    from .. import HER2_LEVELS
-
     per: dict[str, dict[str, float | int]] = {}
     for c in range(n_classes):
         m = q_y == c

@@ -23,8 +23,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..stain.matrices import LOG_ADJUST
-from ..stain.numpy_ops import rgb_to_hed_np
+from derestainer.core.levels import HER2_LEVELS
+from derestainer.stain.matrices import LOG_ADJUST
+from derestainer.stain.numpy_ops import rgb_to_hed_np
 
 #: Multiplier from scikit-image HED coordinates to decadic optical density: ``-log10(1e-6) = 6``.
 OD_SCALE: float = float(-LOG_ADJUST / np.log(10.0))
@@ -101,8 +102,6 @@ def agreement(
         "mean_real": float(r.mean()) if r.size else float("nan"),
     }
     if levels is not None:
-        from .. import HER2_LEVELS
-
         lv = np.asarray(levels, dtype=np.int64).ravel()
         if lv.shape != g.shape:
             raise ValueError(f"levels must pair up with the values: {lv.size} vs {g.size}")

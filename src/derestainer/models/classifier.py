@@ -1,4 +1,4 @@
-"""The HER2 IHC classifier: comparator C for ``L_cmp`` and evaluator for the semantic metrics (DESIGN §4, §5).
+"""The HER2 IHC classifier: comparator C for ``L_cmp`` and evaluator for the semantic metrics (docs/method.md, "Training", "Evaluation").
 
 One class serves both roles. Trained by ``derestainer train-classifier`` on real IHC with its HER2
 level (0, 1+, 2+, 3+); as the comparator it is loaded and :func:`freeze`-d during translation
@@ -19,23 +19,27 @@ import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
-from .. import HER2_LEVELS
-from ..training.checkpoint import CheckpointError, expect_kind, load_tensors, save_tensors
+from derestainer.core.errors import CheckpointError
+from derestainer.core.fileformat import expect_kind, load_tensors, save_tensors, unwrap_model
+from derestainer.core.ranges import signed_to_unit, uint8_to_signed
 
+#: An architecture of :class:`HER2Classifier`.
+ClassifierArch = Literal["resnet50", "resnet18", "tiny"]
 #: Architectures accepted by :class:`HER2Classifier`.
-ARCHS: tuple[str, ...] = ("resnet50", "resnet18", "tiny")
-#: Display names of the HER2 levels, index = class.
-LEVEL_NAMES: tuple[str, ...] = HER2_LEVELS
+ARCHS: tuple[ClassifierArch, ...] = get_args(ClassifierArch)
 #: torchvision's ImageNet statistics (RGB, in [0, 1]).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 CLASSIFIER_FORMAT = 1
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def _tiny_backbone() -> tuple[nn.Module, int]:
@@ -51,7 +55,7 @@ def _tiny_backbone() -> tuple[nn.Module, int]:
 
 def _resnet_backbone(arch: str) -> tuple[nn.Module, int]:
     """A torchvision ResNet (random init, ``weights=None``) whose ``fc`` is an identity: it returns pooled features."""
-    from torchvision import models
+    from torchvision import models  # slow to import, and only the resnet architectures need it
 
     net = getattr(models, arch)(weights=None)
     dim = net.fc.in_features
@@ -72,8 +76,11 @@ class HER2Classifier(nn.Module):
         feature_dim: size ``D`` of the pooled feature vector (2048 for resnet50, 512 for resnet18, 32 for tiny).
     """
 
+    mean: torch.Tensor  # ImageNet statistics, non-persistent buffers
+    std: torch.Tensor
+
     def __init__(
-        self, arch: str = "resnet50", n_levels: int = 4, pretrained_weights: str | os.PathLike[str] | None = None
+        self, arch: ClassifierArch = "resnet50", n_levels: int = 4, pretrained_weights: str | os.PathLike[str] | None = None
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -102,7 +109,7 @@ class HER2Classifier(nn.Module):
             raise ValueError(f"expected images [N,3,H,W] in [-1,1], got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError("expected float images in model space [-1,1]; convert uint8 with prepare_images()")
-        return ((x + 1.0) * 0.5 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return (signed_to_unit(x) - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate, global-average-pooled features (not L2-normalised). ``[N,3,H,W]`` → ``[N, D]``."""
@@ -127,7 +134,7 @@ class HER2Classifier(nn.Module):
         return super().train(mode and not self._frozen)
 
 
-def freeze(model: nn.Module) -> nn.Module:
+def freeze(model: ModuleT) -> ModuleT:
     """Freeze a classifier for use as the comparator: eval mode, ``requires_grad=False`` everywhere.
 
     For a :class:`HER2Classifier` the eval mode is pinned: a later ``.train()`` (called directly or
@@ -159,9 +166,6 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file (ImageNet weights are never downloaded; give a local file)")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -240,7 +244,7 @@ def prepare_images(images: torch.Tensor, size: int | None = None) -> torch.Tenso
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"expected images [N,3,H,W], got shape {tuple(images.shape)}")
     if x.dtype == torch.uint8:
-        x = x.float().div(127.5).sub(1.0)
+        x = uint8_to_signed(x)
     elif not x.is_floating_point():
         raise TypeError(f"expected uint8 or float images, got {x.dtype}")
     if size is not None and tuple(x.shape[-2:]) != (size, size):
@@ -267,8 +271,7 @@ def save_classifier(path: str | os.PathLike[str], model: nn.Module, meta: dict[s
     ``meta`` should add the training facts: ``size`` (input px), ``seed``, ``train_images_hash``
     (:func:`names_hash`), ``accuracy`` and anything else JSON-able.
     """
-    module = getattr(model, "module", model)  # unwrap DDP / compile wrappers
-    module = getattr(module, "_orig_mod", module)
+    module = unwrap_model(model)  # DDP / torch.compile wrappers
     if not isinstance(module, HER2Classifier):
         raise TypeError(f"save_classifier expects a HER2Classifier, got {type(module).__name__}")
     full = {**meta, "kind": "classifier", "format": CLASSIFIER_FORMAT, "arch": module.arch, "n_levels": module.n_levels}
@@ -306,11 +309,11 @@ def load_comparator(path: str | os.PathLike[str], device: str | torch.device = "
     translation resolution).
     """
     model, meta = load_classifier(path, device)
-    return freeze(model), meta  # type: ignore[return-value]
+    return freeze(model), meta
 
 
 def independence_warnings(comparator_meta: dict[str, Any], evaluator_meta: dict[str, Any]) -> list[str]:
-    """Reasons why an evaluator may not be independent of the comparator (DESIGN §5); empty if none found.
+    """Reasons why an evaluator may not be independent of the comparator (docs/method.md, "Evaluation"); empty if none found.
 
     The evaluator should differ in seed and, where data allows, in training images (``--subset even|odd``).
     """

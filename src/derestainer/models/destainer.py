@@ -1,7 +1,7 @@
 """DeStainer (paper §2.1): stain separation + encoder, and the two small heads f_H and f_level.
 
 The same :class:`DeStainer` embeds the H-channel image of the H&E input and of the real IHC, so
-that ``L_H`` can align them (DESIGN §4).
+that ``L_H`` can align them (docs/method.md, “Networks”).
 """
 
 from __future__ import annotations
@@ -13,14 +13,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..layers.blocks import ConvNormAct, DownBlock
-from ..stain import (
-    RGB_FROM_HED,
-    model_to_unit,
-    stain_channel,
-    stain_matrix_from_vectors,
-    unit_to_model,
-)
+from derestainer.core.ranges import signed_to_unit, unit_to_signed
+from derestainer.layers.blocks import ConvNormAct, DownBlock
+from derestainer.stain import RGB_FROM_HED, stain_channel, stain_matrix_from_vectors
 
 ENCODER_INPUTS = ("h", "rgb", "h+rgb")
 
@@ -81,7 +76,7 @@ def load_stain_matrix(spec: str | Path | np.ndarray | None) -> np.ndarray:
 
 
 class StainSeparation(nn.Module):
-    """Channel images of one stain in model space: ``unit_to_model(T⁻¹(T(model_to_unit(x))·P_k))`` (eq. 1–2).
+    """Channel images of one stain in model space: ``unit_to_signed(T⁻¹(T(signed_to_unit(x))·P_k))`` (eq. 1–2).
 
     The stain matrix is a pair of buffers, so it is saved and loaded with the weights.
 
@@ -96,8 +91,8 @@ class StainSeparation(nn.Module):
         self.register_buffer("hed_from_rgb", torch.tensor(np.linalg.inv(m), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, stain: str = "h") -> torch.Tensor:
-        y = stain_channel(model_to_unit(x), stain, rgb_from_hed=self.rgb_from_hed, hed_from_rgb=self.hed_from_rgb)
-        return unit_to_model(y)
+        y = stain_channel(signed_to_unit(x), stain, rgb_from_hed=self.rgb_from_hed, hed_from_rgb=self.hed_from_rgb)
+        return unit_to_signed(y)
 
 
 class DeStainer(nn.Module):

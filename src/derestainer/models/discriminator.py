@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers.blocks import make_norm
+from derestainer.layers.blocks import make_norm
 
 
 class PatchDiscriminator(nn.Module):

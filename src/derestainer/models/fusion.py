@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..layers.modulated_conv import ModulatedConv2d
-from ..layers.simam import SimAM
+from derestainer.layers.modulated_conv import FusedMode, ModulatedConv2d
+from derestainer.layers.simam import SimAM
 
 
 class FusionBlock(nn.Module):
@@ -15,7 +15,7 @@ class FusionBlock(nn.Module):
     Shapes: ``forward(x [N, C, H, W], styles [N, style_dim]) -> [N, C, H, W]``.
     """
 
-    def __init__(self, channels: int, style_dim: int = 4, demodulate: bool = True, fused: bool = True) -> None:
+    def __init__(self, channels: int, style_dim: int = 4, demodulate: bool = True, fused: FusedMode = True) -> None:
         super().__init__()
         self.conv1 = ModulatedConv2d(channels, channels, 3, style_dim=style_dim, demodulate=demodulate, fused=fused)
         self.act = nn.LeakyReLU(0.2)
@@ -32,13 +32,13 @@ class FeatureFusion(nn.Module):
     Shapes: ``forward(x [N, C, H, W], styles [N, style_dim]) -> [N, C, H, W]``.
     """
 
-    def __init__(self, channels: int, n_blocks: int = 9, style_dim: int = 4, demodulate: bool = True, fused: bool = True) -> None:
+    def __init__(self, channels: int, n_blocks: int = 9, style_dim: int = 4, demodulate: bool = True, fused: FusedMode = True) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             [FusionBlock(channels, style_dim=style_dim, demodulate=demodulate, fused=fused) for _ in range(n_blocks)]
         )
 
-    def set_fused(self, fused: bool) -> None:
+    def set_fused(self, fused: FusedMode) -> None:
         """Switch every modulated convolution between the grouped and the unfused path."""
         for m in self.modules():
             if isinstance(m, ModulatedConv2d):

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .base import GenOutput
-from .destainer import DeStainer, HEmbedHead, LevelHead, load_stain_matrix
-from .fusion import FeatureFusion
-from .registry import register_generator
-from .restainer import ReStainer
+from derestainer.layers.modulated_conv import FusedMode
+from derestainer.models.base import GenOutput
+from derestainer.models.destainer import DeStainer, HEmbedHead, LevelHead, load_stain_matrix
+from derestainer.models.fusion import FeatureFusion
+from derestainer.models.registry import register_generator
+from derestainer.models.restainer import ReStainer
 
 GENERATOR_NORMS = ("batch", "none")
 
@@ -35,8 +36,9 @@ def frozen_bn_stats(*modules: nn.Module) -> Iterator[None]:
     finally:
         for m, (mom, nbt) in zip(bns, saved):
             m.momentum = mom
-            if nbt is not None:
-                m.num_batches_tracked.copy_(nbt)
+            tracked = m.num_batches_tracked
+            if nbt is not None and tracked is not None:
+                tracked.copy_(nbt)
 
 
 class DeReStainer(nn.Module):
@@ -74,7 +76,7 @@ class DeReStainer(nn.Module):
         stop_ihc_grad: bool = False,
         demodulate: bool = True,
         rgb_from_hed: np.ndarray | torch.Tensor | None = None,
-        fused_modconv: bool | str = "auto",
+        fused_modconv: FusedMode = "auto",
     ) -> None:
         super().__init__()
         if norm not in GENERATOR_NORMS:
@@ -98,7 +100,7 @@ class DeReStainer(nn.Module):
         """Input height and width must be multiples of this."""
         return 2**self.n_down
 
-    def set_fused_modconv(self, fused: bool | str) -> None:
+    def set_fused_modconv(self, fused: FusedMode) -> None:
         """Switch the fusion blocks between grouped and unfused modulated convolutions (same results)."""
         self.fusion.set_fused(fused)
 
@@ -138,7 +140,7 @@ class DeReStainer(nn.Module):
 
 
 def generator_kwargs(model_cfg: Any) -> dict[str, Any]:
-    """Constructor kwargs of :class:`DeReStainer` from a :class:`~derestainer.config.ModelConfig`."""
+    """Constructor kwargs of :class:`DeReStainer` from a :class:`~derestainer.core.config.ModelConfig`."""
     return dict(
         ngf=model_cfg.ngf,
         n_down=model_cfg.n_down,

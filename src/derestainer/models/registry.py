@@ -1,4 +1,9 @@
-"""A tiny model registry (after timm's ``register_model``/``create_model``): no string reflection."""
+"""A tiny model registry (after timm's ``_registry.py``): no string reflection.
+
+The registry imports no model. Each model module registers itself with :func:`register_generator`
+when it is imported, and :mod:`derestainer.models` imports every built-in model module, so that
+importing anything from ``derestainer.models`` makes all built-in generators available.
+"""
 
 from __future__ import annotations
 
@@ -23,20 +28,14 @@ def register_generator(name: str) -> Callable[[Callable[..., nn.Module]], Callab
 
 
 def list_generators() -> list[str]:
-    _import_builtin()
+    """Names of every registered generator."""
     return sorted(_GENERATORS)
 
 
 def create_generator(model_cfg: Any) -> nn.Module:
-    """Build the generator named ``model_cfg.name`` from a :class:`~derestainer.config.ModelConfig`."""
-    _import_builtin()
+    """Build the generator named ``model_cfg.name`` from a :class:`~derestainer.core.config.ModelConfig`."""
     try:
         fn = _GENERATORS[model_cfg.name]
     except KeyError:
         raise KeyError(f"unknown model {model_cfg.name!r}; available: {', '.join(sorted(_GENERATORS))}") from None
     return fn(model_cfg)
-
-
-def _import_builtin() -> None:
-    # Importing the modules runs their @register_generator decorators.
-    from . import baselines, generator  # noqa: F401

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..layers.blocks import UpBlock
+from derestainer.layers.blocks import UpBlock
 
 
 class ReStainer(nn.Module):

@@ -1,4 +1,4 @@
-"""Differentiable Ruifrok–Johnston colour deconvolution in pure torch (DESIGN §3, paper eq. 1–2).
+"""Differentiable Ruifrok–Johnston colour deconvolution in pure torch (paper eq. 1–2; docs/method.md, “Stain separation”).
 
 All functions take ``[N, 3, H, W]`` (or ``[3, H, W]``) RGB in ``[0, 1]`` on any device and float
 dtype, and are differentiable with finite gradients everywhere, including pure white, pure black
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .matrices import EPS, HED_FROM_RGB, LOG_ADJUST, RGB_FROM_HED, stain_index
+from derestainer.stain.matrices import EPS, HED_FROM_RGB, LOG_ADJUST, RGB_FROM_HED, stain_index
 
 Matrix = "torch.Tensor | np.ndarray | None"
 
@@ -112,13 +112,3 @@ def stain_channels(
 def od(rgb: torch.Tensor) -> torch.Tensor:
     """Optical density in scikit-image's normalisation, ``log(max(rgb, EPS)) / log(EPS)`` (0 = white)."""
     return torch.log(rgb.clamp_min(EPS)) / LOG_ADJUST
-
-
-def model_to_unit(x: torch.Tensor) -> torch.Tensor:
-    """Model space ``[-1, 1]`` → stain space ``[0, 1]``."""
-    return (x + 1.0) * 0.5
-
-
-def unit_to_model(x: torch.Tensor) -> torch.Tensor:
-    """Stain space ``[0, 1]`` → model space ``[-1, 1]``."""
-    return x * 2.0 - 1.0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .matrices import EPS, HED_FROM_RGB, LOG_ADJUST, RGB_FROM_HED, stain_index
+from derestainer.stain.matrices import EPS, HED_FROM_RGB, LOG_ADJUST, RGB_FROM_HED, stain_index
 
 
 def _to_float(rgb: np.ndarray) -> np.ndarray:
@@ -87,7 +87,7 @@ def macenko_stain_matrix(
     v1 = v1 if v1.sum() >= 0 else -v1
     v2 = v2 if v2.sum() >= 0 else -v2
     h, other = (v1, v2) if v1[0] > v2[0] else (v2, v1)
-    from .matrices import stain_matrix_from_vectors
+    from derestainer.stain.matrices import stain_matrix_from_vectors
 
     if second.lower() == "dab":
         return stain_matrix_from_vectors(h=h, dab=other)

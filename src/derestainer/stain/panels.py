@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import write_image
-from .matrices import RGB_FROM_HED
-from .numpy_ops import macenko_stain_matrix, rgb_to_hed_np, stain_channel_np
+from derestainer.core.io import write_image
+from derestainer.stain.matrices import RGB_FROM_HED
+from derestainer.stain.numpy_ops import macenko_stain_matrix, rgb_to_hed_np, stain_channel_np
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -56,7 +56,7 @@ def save_panel(path: Path, rgb: np.ndarray, h: np.ndarray, other: np.ndarray, ot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
+    from derestainer.core.io import atomic_path
 
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.3), dpi=110)
     for ax, img, title in zip(axes, (rgb, h, other), ("original", "H channel", f"{other_name.upper()} channel")):

@@ -1,22 +1,10 @@
-"""Training: the translation trainer (:mod:`.loop`), plain-data checkpoints (:mod:`.checkpoint`,
-:mod:`.state`), multi-process helpers (:mod:`.distributed`) and run logging (:mod:`.logging`).
+"""Training: the translation trainer and the HER2 classifier trainer.
 
-Heavy modules are imported on first use, so that ``import derestainer.training.checkpoint`` stays cheap.
+Modules, by job: :mod:`.loop` (the :class:`~derestainer.training.loop.Trainer` and ``train``),
+:mod:`.setup` (models, optimizers, data), :mod:`.step` (one D/G update with AMP and gradient
+accumulation), :mod:`.sampling` (the seeded, resumable data order), :mod:`.validation`,
+:mod:`.resume` (checkpoint glue), :mod:`.state` (training state and run checkpoints),
+:mod:`.distributed` (multi-process helpers), :mod:`.logging` (run logs) and :mod:`.classifier`.
+
+Nothing is re-exported here, so that importing one of them does not import the others.
 """
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .loop import Trainer, TrainingError, train
-
-__all__ = ["Trainer", "TrainingError", "train"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import loop
-
-        return getattr(loop, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

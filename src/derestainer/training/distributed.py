@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from derestainer.core.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -62,21 +64,6 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; anything else as given."""
-    if device in ("", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
-
-
 def init_distributed(device: str = "auto", backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:
     """Read the ``torchrun`` environment and, when ``WORLD_SIZE > 1``, initialise the process group.
 
@@ -97,9 +84,9 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        kwargs = {"device_id": dev} if be == "nccl" else {}
         dist.init_process_group(backend=be, init_method="env://", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=dev if be == "nccl" else None)
     return DistEnv(rank, world, local, dev, be)
 
 
@@ -154,12 +141,6 @@ def wrap_model(model: nn.Module, env: DistEnv, sync_bn: bool = True, find_unused
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / ``torch.compile`` wrappers."""
-    m = getattr(model, "module", model)
-    return getattr(m, "_orig_mod", m)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -20,12 +20,16 @@ from typing import Any
 
 import torch
 
+from derestainer.core.io import write_text
+from derestainer.core.ranges import signed_to_unit
+from derestainer.stain.functional import stain_channel
+
 log = logging.getLogger("derestainer.train")
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """All records of a JSONL log (a torn last line, from a killed run, is ignored)."""
-    out = []
+    out: list[dict[str, Any]] = []
     p = Path(path)
     if not p.is_file():
         return out
@@ -45,8 +49,6 @@ def purge_jsonl(path: str | os.PathLike[str], after_step: int) -> int:
 
     Rewrites the file atomically; returns the number of records dropped.
     """
-    from ..io import write_text
-
     p = Path(path)
     if not p.is_file():
         return 0
@@ -99,7 +101,7 @@ class RunLogger:
         # Line-buffered append: a killed run loses at most its last line, which read_jsonl tolerates.
         self._fh = open(self.run_dir / "log.jsonl", "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (lives with the run)
         if tensorboard != "off":
-            try:
+            try:  # optional dependency, imported only when asked for
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=initial or None)
@@ -108,7 +110,7 @@ class RunLogger:
                     raise
                 log.info("tensorboard is not installed: logging to log.jsonl only (pip install tensorboard)")
         if progress and sys.stderr.isatty():
-            from tqdm import tqdm
+            from tqdm import tqdm  # only for an interactive terminal
 
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.1)
 
@@ -188,11 +190,9 @@ def sample_grid(he: torch.Tensor, fake: torch.Tensor, real: torch.Tensor, rgb_fr
     Returns:
         ``uint8 [H', W', 3]`` image of the grid (white padding).
     """
-    from torchvision.utils import make_grid
+    from torchvision.utils import make_grid  # torchvision's import is slow; only sample grids need it
 
-    from ..stain.functional import model_to_unit, stain_channel
-
-    he01, fake01, real01 = (model_to_unit(t.detach().float().cpu()).clamp(0, 1) for t in (he, fake, real))
+    he01, fake01, real01 = (signed_to_unit(t.detach().float().cpu()).clamp(0, 1) for t in (he, fake, real))
     cols = [he01, stain_channel(he01, "h", rgb_from_hed), fake01, real01,
             stain_channel(fake01, "dab", rgb_from_hed), stain_channel(real01, "dab", rgb_from_hed)]
     tiles = torch.stack(cols, dim=1).flatten(0, 1)  # [N*6, 3, H, W], row-major: one sample per row

@@ -1,12 +1,13 @@
-"""Training state as plain data, and run checkpoints as folders of plain-data files.
+"""The training state, and run checkpoints as folders of plain-data files (save, load, verify, prune).
 
 A run checkpoint is a folder ``<run>/checkpoints/step-0000100/`` holding
 
-* ``generator.safetensors``  — the exported-model format (:func:`~.checkpoint.save_generator`), so that a
-  checkpoint's generator can be given to ``derestainer translate`` as it is;
+* ``generator.safetensors``  — the exported-model format (:func:`~derestainer.models.files.save_generator`),
+  so that a checkpoint's generator can be given to ``derestainer translate`` as it is;
 * ``discriminator.safetensors`` — ``kind='discriminator'``;
 * ``optim_g.safetensors`` / ``optim_d.safetensors`` — optimizer state tensors, with the rest of the
-  optimizer ``state_dict`` (hyper-parameters, structure) as JSON in the metadata (:func:`flatten_state`);
+  optimizer ``state_dict`` (hyper-parameters, structure) as JSON in the metadata
+  (:func:`~derestainer.training.plaindata.flatten_state`);
 * ``state.json`` — :class:`TrainState`: step, epoch, position in the epoch, RNG states, best metric,
   validation history, consecutive bad steps, the resolved config.
 
@@ -14,167 +15,34 @@ Nothing is ever unpickled. A checkpoint is written into a hidden temporary folde
 place, every file is flushed to disk, the folder is renamed into place, and only then is the
 ``<run>/latest`` pointer (a one-line text file) replaced atomically. A crash at any moment therefore
 leaves either the previous checkpoint set or the new one, never a half-written checkpoint under a
-final name; stale temporary folders are removed by :func:`clean_incomplete`.
+final name; stale temporary folders are removed by :func:`derestainer.core.runs.clean_incomplete`.
+The run-folder layout itself (``checkpoints/``, ``latest``, finding a checkpoint) is
+:mod:`derestainer.core.runs`.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import math
 import os
-import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..io import write_json, write_text
-from .checkpoint import (
-    CheckpointError,
-    expect_kind,
-    load_tensors,
-    read_meta,
-    save_generator,
-    save_tensors,
-)
+from derestainer.core.config import from_dict, to_dict
+from derestainer.core.errors import CheckpointError, ConfigError
+from derestainer.core.fileformat import expect_kind, load_tensors, read_meta, save_tensors
+from derestainer.core.io import write_json, write_text
+from derestainer.core.runs import CHECKPOINTS, LATEST, TMP_PREFIX, checkpoint_dir, list_checkpoints
+from derestainer.models.files import save_generator
+from derestainer.training.plaindata import load_optimizer, save_optimizer
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 STATE_FORMAT = 1
-_PREFIX = "step-"
-_TMP_PREFIX = ".tmp-"
-
-
-# --------------------------------------------------------------------------------------------------
-# RNG states as JSON
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
-
-
-def rng_state() -> dict[str, Any]:
-    """The global RNG states of Python, NumPy, torch (CPU) and every CUDA device, as JSON-able data."""
-    py = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    out: dict[str, Any] = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [kind, np.asarray(keys, dtype=np.uint32).tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": _b64(torch.get_rng_state()),
-        "cuda": [],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return out
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned (CUDA states only where the device count matches)."""
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
-    torch.set_rng_state(_unb64(state["torch"]))
-    cuda = state.get("cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in cuda])
-
-
-# --------------------------------------------------------------------------------------------------
-# Nested state (optimizer state_dicts) ↔ safetensors tensors + JSON structure
-
-
-def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
-    """Split a nested state (dicts, lists, tuples, scalars, tensors) into tensors and a JSON structure.
-
-    Tensors are replaced by ``{"__tensor__": key}`` and collected under ``key`` ("t0", "t1", …);
-    tuples become ``{"__tuple__": [...]}`` so that they come back as tuples; dict keys that are
-    ints (optimizer ``state`` is keyed by parameter index) become ``{"__int_keys__": [[k, v], …]}``.
-
-    Returns:
-        ``(tensors, structure)`` where ``structure`` is JSON-able and ``tensors`` can be saved with
-        :func:`~.checkpoint.save_tensors`. Inverse: :func:`unflatten_state`.
-    Raises:
-        TypeError: on a value that is neither a tensor nor plain data (never pickled instead).
-    """
-    tensors: dict[str, torch.Tensor] = {}
-
-    def enc(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            key = f"t{len(tensors)}"
-            tensors[key] = x.detach()
-            return {"__tensor__": key}
-        if isinstance(x, dict):
-            if all(isinstance(k, str) for k in x):
-                return {k: enc(v) for k, v in x.items()}
-            if all(isinstance(k, int) and not isinstance(k, bool) for k in x):
-                return {"__int_keys__": [[k, enc(v)] for k, v in x.items()]}
-            raise TypeError(f"cannot store a dict with keys of mixed or non-str/int types: {list(x)[:5]}")
-        if isinstance(x, tuple):
-            return {"__tuple__": [enc(v) for v in x]}
-        if isinstance(x, list):
-            return [enc(v) for v in x]
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return x
-        raise TypeError(f"cannot store a {type(x).__name__} as plain data")
-
-    return tensors, enc(obj)
-
-
-def unflatten_state(tensors: dict[str, torch.Tensor], structure: Any) -> Any:
-    """Inverse of :func:`flatten_state`."""
-
-    def dec(x: Any) -> Any:
-        if isinstance(x, dict):
-            if set(x) == {"__tensor__"}:
-                try:
-                    return tensors[x["__tensor__"]]
-                except KeyError:
-                    raise CheckpointError(f"tensor {x['__tensor__']!r} named in the structure is missing") from None
-            if set(x) == {"__tuple__"}:
-                return tuple(dec(v) for v in x["__tuple__"])
-            if set(x) == {"__int_keys__"}:
-                return {int(k): dec(v) for k, v in x["__int_keys__"]}
-            return {k: dec(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [dec(v) for v in x]
-        return x
-
-    return dec(structure)
-
-
-def save_optimizer(path: str | os.PathLike[str], optimizer: torch.optim.Optimizer, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``optimizer.state_dict()`` as safetensors (tensors) + JSON metadata (everything else)."""
-    tensors, structure = flatten_state(optimizer.state_dict())
-    meta = {"kind": "optimizer", "class": type(optimizer).__name__, "structure": structure, **(extra or {})}
-    return save_tensors(path, tensors, meta)
-
-
-def load_optimizer(path: str | os.PathLike[str], optimizer: torch.optim.Optimizer) -> None:
-    """Load a state written by :func:`save_optimizer` into ``optimizer`` (tensors moved to its params' device)."""
-    tensors, meta = load_tensors(path, device="cpu")
-    expect_kind(meta, "optimizer", path)
-    if meta.get("class") != type(optimizer).__name__:
-        raise CheckpointError(f"{path}: optimizer state of a {meta.get('class')}, expected {type(optimizer).__name__}")
-    sd = unflatten_state(tensors, meta["structure"])
-    ours = optimizer.state_dict()["param_groups"]
-    theirs = sd.get("param_groups", [])
-    if [len(g["params"]) for g in ours] != [len(g["params"]) for g in theirs]:
-        raise CheckpointError(f"{path}: optimizer state is for another model (parameter groups differ)")
-    try:
-        optimizer.load_state_dict(sd)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: optimizer state does not fit this model ({exc})") from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,7 +62,7 @@ class TrainState:
         bad_streak: consecutive steps with a non-finite loss at the time of saving.
         skipped_steps: total steps skipped for non-finite losses.
         history: validation results, one dict per validation (step, epoch, metrics).
-        rng: global RNG states (:func:`rng_state`), one per rank in rank order (checkpoints written
+        rng: global RNG states (:func:`~derestainer.training.plaindata.rng_state`), one per rank in rank order (checkpoints written
             before per-rank states hold a single dict: rank 0's).
     """
 
@@ -222,11 +90,6 @@ class TrainState:
 # Run checkpoints (folders)
 
 
-def checkpoint_dir(run_dir: str | os.PathLike[str], step: int) -> Path:
-    """``<run>/checkpoints/step-0000100``."""
-    return Path(run_dir) / CHECKPOINTS / f"{_PREFIX}{step:07d}"
-
-
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
         fd = os.open(str(path), os.O_RDONLY)
@@ -251,13 +114,11 @@ def save_checkpoint(
     Returns:
         The checkpoint folder.
     """
-    from ..config import to_dict
-
     final = checkpoint_dir(run_dir, state.step)
     old: Path | None = None
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=parent))
     try:
         extra = {"step": state.step, "epoch": state.epoch}
         save_generator(tmp / "generator.safetensors", generator, cfg, extra=extra)
@@ -275,7 +136,7 @@ def save_checkpoint(
             # moved aside under a temporary name (which clean_incomplete removes should we crash before
             # deleting it) rather than deleted first: the step's folder is missing only between two
             # renames, and an error there puts the earlier one back
-            old = parent / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}-{os.urandom(4).hex()}"
+            old = parent / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}-{os.urandom(4).hex()}"
             os.replace(final, old)
         os.replace(tmp, final)
     except BaseException:
@@ -299,46 +160,6 @@ def _json_safe(x: Any) -> Any:
     if isinstance(x, list):
         return [_json_safe(v) for v in x]
     return x
-
-
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first (temporary folders are ignored)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    out = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / "state.json").is_file()]
-    return sorted(out, key=lambda p: int(p.name[len(_PREFIX):]))
-
-
-def clean_incomplete(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """Remove temporary folders left by a checkpoint write that was interrupted; return them."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    stale = [p for p in root.iterdir() if p.name.startswith(_TMP_PREFIX)]
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
-
-
-def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint folder from a checkpoint folder, or a run folder (via its ``latest`` pointer).
-
-    Raises:
-        CheckpointError: nothing to resume from.
-    """
-    p = Path(path)
-    if (p / "state.json").is_file():
-        return p
-    pointer = p / LATEST
-    if pointer.is_file():
-        target = p / pointer.read_text().strip()
-        if (target / "state.json").is_file():
-            return target
-    found = list_checkpoints(p)  # pointer missing or stale (e.g. its folder was deleted by hand)
-    if found:
-        return found[-1]
-    raise CheckpointError(f"{p}: no checkpoint to resume from (expected a run folder with '{LATEST}' or a checkpoint folder)")
 
 
 def read_state(ckpt: str | os.PathLike[str]) -> tuple[TrainState, dict[str, Any]]:
@@ -366,14 +187,10 @@ def check_compatible(ckpt: str | os.PathLike[str], cfg: Any,
         The other config differences ``{'section.key': (checkpoint value, current value)}`` (allowed:
         e.g. more steps, another learning rate) so that the caller can report them.
     """
-    from ..config import ConfigError, from_dict, to_dict
-
     if theirs is None:
         _, theirs = read_state(ckpt)
-    try:
+    with contextlib.suppress(ConfigError):  # keys this version no longer knows: compare what is there
         theirs = to_dict(from_dict(theirs))
-    except ConfigError:  # keys this version no longer knows: compare what is there
-        pass
     ours = to_dict(cfg)
     diffs: dict[str, tuple[Any, Any]] = {}
     for section in ours:

@@ -6,6 +6,6 @@ Importing this package registers ``pix2pix``, ``pyramidpix2pix`` and ``pix2pixhd
 scales, optimiser); see docs/benchmarks.md.
 """
 
-from .pix2pix import ResnetBlock, ResnetGenerator, build_resnet_generator
+from derestainer.models.baselines.pix2pix import ResnetBlock, ResnetGenerator, build_resnet_generator
 
 __all__ = ["ResnetBlock", "ResnetGenerator", "build_resnet_generator"]

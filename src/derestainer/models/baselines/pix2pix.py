@@ -16,7 +16,7 @@ same network with ``n_down = 4``. Input and output are RGB in model space ``[-1,
 Normalisation: BCI's PyramidPix2Pix code trains with ``--norm batch`` (its default) and so does
 pix2pix; CycleGAN used instance norm. Batch norm is the default here, because in eval mode it is a
 fixed per-channel affine map, while instance norm normalises each tile by its own statistics and
-makes seams in whole-slide mosaics (DESIGN §4). ``norm='instance'`` is offered for faithful
+makes seams in whole-slide mosaics (docs/method.md, “Baselines”). ``norm='instance'`` is offered for faithful
 pix2pixHD/CycleGAN-style experiments on patches only.
 """
 
@@ -27,21 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base import GenOutput
-from ..registry import register_generator
-
-NORMS = ("batch", "instance", "none")
-
-
-def make_norm(norm: str, channels: int) -> nn.Module:
-    """``batch`` → BatchNorm2d; ``instance`` → InstanceNorm2d (no affine, as CycleGAN); ``none`` → Identity."""
-    if norm == "batch":
-        return nn.BatchNorm2d(channels)
-    if norm == "instance":
-        return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
-    if norm == "none":
-        return nn.Identity()
-    raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+from derestainer.layers.blocks import NORMS, make_norm
+from derestainer.models.base import GenOutput
+from derestainer.models.registry import register_generator
 
 
 class ResnetBlock(nn.Module):
@@ -143,7 +131,7 @@ def init_weights(module: nn.Module, gain: float = 0.02) -> None:
 
 
 def build_resnet_generator(model_cfg: Any, dropout: float = 0.0) -> ResnetGenerator:
-    """A :class:`ResnetGenerator` from a :class:`~derestainer.config.ModelConfig`.
+    """A :class:`ResnetGenerator` from a :class:`~derestainer.core.config.ModelConfig`.
 
     Uses ``ngf``, ``n_down``, ``norm`` and ``n_fusion_blocks`` (as the number of residual blocks,
     the bottleneck's counterpart of DeReStainer's fusion blocks).

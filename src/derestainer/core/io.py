@@ -8,21 +8,24 @@ are written under a temporary name in the same folder, flushed, then renamed).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+if TYPE_CHECKING:
+    import torch
+
+from derestainer.core.errors import ImageReadError
+
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-
-
-class ImageReadError(ValueError):
-    """An input image is missing, unreadable, truncated or of an unsupported mode."""
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
@@ -149,8 +152,39 @@ def list_images(folder: str | os.PathLike[str], recursive: bool = False) -> list
     )
 
 
-def to_tensor_uint8(image: np.ndarray) -> "torch.Tensor":  # noqa: F821
+def to_tensor_uint8(image: np.ndarray) -> torch.Tensor:
     """``uint8 [H, W, 3]`` → ``uint8 [3, H, W]`` torch tensor (contiguous)."""
-    import torch
+    import torch  # not at module level: SynthBCI workers import this module and must not import torch
 
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def jsonable(obj: Any, nonfinite: Literal["keep", "null"] = "keep") -> Any:
+    """``obj`` as plain JSON data: the one conversion used for every JSON file the package writes.
+
+    Dataclass instances and dicts → dicts (keys as ``str``), tuples and lists → lists, paths → ``str``,
+    NumPy/torch scalars → Python numbers or bools, arrays/tensors → nested lists; anything else is
+    returned unchanged. Non-finite floats (NaN, ±inf) are kept (Python's json writes ``NaN``,
+    ``Infinity``) or, with ``nonfinite="null"``, become ``None`` so that any strict JSON parser reads
+    the file.
+    """
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name), nonfinite) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v, nonfinite) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v, nonfinite) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    if isinstance(obj, float):  # np.float64 is a float too: made a plain float
+        return float(obj) if nonfinite == "keep" or math.isfinite(obj) else None
+    if isinstance(obj, np.ndarray) or (hasattr(obj, "tolist") and hasattr(obj, "ndim") and obj.ndim > 0):
+        return jsonable(obj.tolist(), nonfinite)
+    if hasattr(obj, "item") and callable(obj.item):  # NumPy and torch scalars
+        try:
+            return jsonable(obj.item(), nonfinite)
+        except (ValueError, RuntimeError):
+            return obj
+    return obj

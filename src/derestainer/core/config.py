@@ -9,17 +9,25 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from derestainer.core.errors import ConfigError
+
+#: Mixed precision of training: ``auto`` (bf16 on CUDA), ``bf16`` or ``off`` (fp32).
+AmpMode = Literal["auto", "bf16", "off"]
+#: An optional feature: ``auto`` (when available), ``on`` or ``off``.
+Switch = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Generator and discriminator architecture (DESIGN §4)."""
+    """Generator and discriminator architecture (docs/method.md, “Networks”)."""
 
     name: str = "derestainer"          # registry name: derestainer | pix2pix | pyramidpix2pix | ...
     ngf: int = 64                       # generator base width; encoder widths ngf·[1,2,4,8]
@@ -90,7 +98,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 1e-2
     grad_accum: int = 1
-    amp: str = "auto"                   # auto (bf16 on CUDA) | bf16 | off
+    amp: AmpMode = "auto"               # auto (bf16 on CUDA) | bf16 | off
     channels_last: bool = True          # on CUDA
     seed: int = 0
     deterministic: bool = False
@@ -107,7 +115,7 @@ class TrainConfig:
     sync_bn: bool = True                # SyncBatchNorm across ranks (multi-GPU CUDA runs only)
     val_max: int = 0                    # validation pairs per validation (0 = the whole held-out split)
     sample_count: int = 4               # rows of each sample grid (fixed held-out pairs)
-    tensorboard: str = "auto"           # auto (if installed) | on | off; log.jsonl is always written
+    tensorboard: Switch = "auto"        # auto (if installed) | on | off; log.jsonl is always written
 
 
 @dataclass(frozen=True)
@@ -116,10 +124,6 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-class ConfigError(ValueError):
-    """A preset, file or override does not fit the config schema."""
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -144,6 +148,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
     if origin in (typing.Union, types.UnionType):
+        return value
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML reads a bare on/off as true/false
+            value = {True: "on", False: "off"}[value]
+        if value not in allowed:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -182,7 +193,7 @@ def from_dict(d: dict[str, Any], cls: type = Config, where: str = "") -> Any:
     kwargs = {}
     for k, v in d.items():
         tp = hints[k]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[k] = from_dict(v, tp, f"{where}{k}.")
         else:
             kwargs[k] = _coerce(v, tp, f"{where}{k}")
@@ -259,3 +270,77 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Composition: one model's preset laid over another preset's widths (the benchmark, the speed bench)
+
+#: Model names that stand for a preset of another name.
+MODEL_ALIASES: dict[str, str] = {"derestainer": "paper"}
+
+
+def _flatten_sections(d: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    return {(s, k): v for s, sec in d.items() for k, v in sec.items()}
+
+
+def preset_delta(model: str) -> dict[str, dict[str, Any]]:
+    """How the preset (or YAML file) of ``model`` differs from ``paper``, as nested plain data.
+
+    >>> preset_delta("no_dab")
+    {'loss': {'dab': 0.0}}
+
+    Raises:
+        ConfigError: ``model`` is neither a preset nor a readable YAML file (the message names it).
+    """
+    name = MODEL_ALIASES.get(model, model)
+    try:
+        mine = _flatten_sections(to_dict(load_config(name)))
+    except ConfigError as exc:
+        raise ConfigError(f"model {model!r}: {exc}") from None
+    ref = _flatten_sections(to_dict(load_config("paper")))
+    delta: dict[str, dict[str, Any]] = {}
+    for (s, k), v in mine.items():
+        if ref.get((s, k)) != v:
+            delta.setdefault(s, {})[k] = v
+    return delta
+
+
+def split_target(item: str) -> tuple[str | None, str]:
+    """``'pix2pix:model.ngf=16'`` → ``('pix2pix', 'model.ngf=16')``; without a ``MODEL:`` prefix → ``(None, item)``."""
+    key = item.split("=", 1)[0]
+    if ":" in key:
+        target, rest = item.split(":", 1)
+        return target.strip(), rest
+    return None, item
+
+
+def compose_model_config(model: str, base: str = "tiny", overrides: Sequence[str] = ()) -> Config:
+    """The config of ``model`` at the width/data/training class of ``base``.
+
+    ``base ⊕ (preset(model) − paper) ⊕ overrides``: e.g. ``pix2pix`` on ``tiny`` gets tiny's widths
+    and image size but pix2pix's generator, losses, discriminator scales and optimiser settings.
+    With ``base='paper'`` this is exactly the model's preset. An override ``MODEL:section.key=value``
+    applies to that model only (e.g. ``pix2pix:model.ngf=16`` to match capacities).
+
+    Raises:
+        ConfigError: unknown model or base, malformed override, unknown section or key.
+    """
+    try:
+        d = to_dict(load_config(base))
+    except ConfigError as exc:
+        raise ConfigError(f"base config: {exc}") from None
+    for s, sec in preset_delta(model).items():
+        d[s].update(sec)
+    for entry in overrides:
+        target, item = split_target(entry)
+        if target is not None and target != model:
+            continue
+        (s, k), v = parse_override(item)
+        if s not in d:
+            raise ConfigError(f"override {item!r}: unknown section {s!r}; valid: {', '.join(d)}")
+        d[s][k] = v
+    try:
+        cfg: Config = from_dict(d)
+    except ConfigError as exc:
+        raise ConfigError(f"model {model!r}: {exc}") from None
+    return cfg

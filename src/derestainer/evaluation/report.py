@@ -1,6 +1,6 @@
 """Evaluation reports: ``metrics.json`` (machine), ``metrics.md`` (the paper's Table 1 layout), ``per_image.csv``, figures.
 
-Every file is written atomically (:mod:`derestainer.io`): a reader never sees half a report.
+Every file is written atomically (:mod:`derestainer.core.io`): a reader never sees half a report.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from ..io import read_image, write_bytes, write_json, write_text
-from .evaluate import EvaluationResult
+from derestainer.core.io import read_image, write_bytes, write_json, write_text
+from derestainer.core.levels import HER2_LEVELS
+from derestainer.evaluation.run import EvaluationResult
 
 #: Per-image CSV columns, in order (semantic columns only when an evaluator was given).
 CSV_COLUMNS: tuple[str, ...] = (
@@ -139,10 +141,8 @@ def _csv_value(v: Any) -> str:
 
 
 def _thumb(path: Path, size: int) -> np.ndarray:
-    from PIL import Image
-
     im = Image.fromarray(read_image(path))
-    im.thumbnail((size, size), Image.BICUBIC)
+    im.thumbnail((size, size), Image.Resampling.BICUBIC)
     return np.asarray(im)
 
 
@@ -152,8 +152,7 @@ MAX_FIGURE_BYTES: int = 300_000
 
 
 def _savefig(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-    from PIL import Image
+    import matplotlib.pyplot as plt  # matplotlib is slow to import: only when figures are drawn
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=fig.dpi)
@@ -168,7 +167,7 @@ def _savefig(fig: Any, path: Path) -> Path:
 
 def plot_cases(result: EvaluationResult, path: str | Path, n: int = 4, thumb: int = 144) -> Path:
     """Worst and best images by SSIM: columns worst pred | gt | best pred | gt, one case per row."""
-    import matplotlib
+    import matplotlib  # slow to import: only when figures are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -203,15 +202,13 @@ def plot_confusion(metrics: dict[str, Any], path: str | Path) -> Path | None:
     panels = [(t, np.asarray(c)) for t, c in panels if c is not None]
     if not panels:
         return None
-    import matplotlib
+    import matplotlib  # slow to import: only when figures are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .. import HER2_LEVELS
-
     fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.1), dpi=100, squeeze=False)
-    for ax, (title, cm) in zip(axes[0], panels):
+    for ax, (title, cm) in zip(axes[0], panels, strict=False):
         rows = cm.sum(axis=1, keepdims=True)
         frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
         ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)

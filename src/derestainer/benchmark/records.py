@@ -1,0 +1,90 @@
+"""What makes a Table-1 benchmark resumable: markers, fingerprints and digests of what a run was made from.
+
+A (model, seed) run folder holds ``trained.json`` once its generator is trained and ``done.json``
+once it is translated and evaluated. Each records fingerprints of what the result depends on (the
+portable resolved config, the data's file names and sizes, the classifiers' file digests), so that a
+rerun skips finished work and refuses results made with another configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from derestainer.core.fileformat import load_tensors
+from derestainer.core.io import list_images
+from derestainer.inference.folders import collect_inputs
+
+MARKER = "done.json"  # a (model, seed) translated and evaluated: its record
+TRAINED_MARKER = "trained.json"  # its generator trained (so a failed evaluation does not cost a retraining)
+
+
+def fingerprint(obj: Any) -> str:
+    """SHA-256 (first 16 hex digits) of ``obj`` as sorted JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 (first 16 hex digits) of a file's bytes: identifies a classifier checkpoint."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def data_digest(dirs: dict[str, Path]) -> str:
+    """Identity of a dataset from its files' names and sizes (cheap; independent of where it lies)."""
+    items = sorted((key, p.name, p.stat().st_size) for key, d in dirs.items() for p in list_images(d))
+    return fingerprint(items)
+
+
+def run_fingerprints(cfg_d: dict[str, Any], comparator_digest: str | None, evaluator_digest: str,
+                     data_id: str) -> tuple[str, str]:
+    """``(train, eval)`` fingerprints of one run from its resolved config (:func:`~derestainer.core.config.to_dict`).
+
+    They leave out where things are (data root, run folder, classifier paths: an output folder may be
+    moved; the device) and keep what they are (file names and sizes, classifier digests).
+    """
+    portable = {**cfg_d, "data": {**cfg_d["data"], "root": ""},
+                "train": {**cfg_d["train"], "out": "", "comparator": "", "device": ""}}
+    train_fp = fingerprint({"config": portable, "comparator": comparator_digest, "data": data_id})
+    eval_fp = fingerprint({"evaluator": evaluator_digest, "data": data_id})
+    return train_fp, eval_fp
+
+
+def generator_params(path: Path) -> int:
+    """Number of learnable parameters of a saved generator (BatchNorm running statistics excluded)."""
+    tensors, _ = load_tensors(path)
+    return int(sum(t.numel() for k, t in tensors.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))))
+
+
+def pred_complete(he_dir: Path, pred_dir: Path) -> bool:
+    """Whether ``pred_dir`` holds the translation of every image of ``he_dir`` (as the translate stage names them)."""
+    if not pred_dir.is_dir():
+        return False
+    return all((pred_dir / j.rel).is_file() for j in collect_inputs([he_dir], recursive=False))
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON data of ``obj``: dataclasses and dicts → dicts, tuples → lists, paths → str,
+    numpy/torch scalars and arrays → Python numbers and lists. NaN and infinities are kept."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        try:
+            return obj.item()
+        except (ValueError, RuntimeError):
+            pass
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return obj

@@ -1,0 +1,195 @@
+"""Orchestration of a Table-1 benchmark: every model and seed under one budget, resumable.
+
+:func:`run_benchmark` checks the inputs and resolves every config first, gets the classifiers, runs
+each (model, seed) with :func:`run_one` (or reuses its record), then writes ``results.json``,
+``table.md`` and ``figure.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from derestainer.benchmark import stages
+from derestainer.benchmark.classifiers import ensure_classifiers
+from derestainer.benchmark.figure import make_figure
+from derestainer.benchmark.records import (
+    MARKER,
+    TRAINED_MARKER,
+    data_digest,
+    generator_params,
+    jsonable,
+    pred_complete,
+    run_fingerprints,
+)
+from derestainer.benchmark.spec import (
+    BenchmarkSpec,
+    check_layout,
+    model_config,
+    needs_comparator,
+    run_config,
+    run_dir,
+    slug,
+    split_target,
+)
+from derestainer.benchmark.stats import summarize
+from derestainer.benchmark.tables import format_report
+from derestainer.core.config import Config, to_dict
+from derestainer.core.errors import BenchmarkError
+from derestainer.core.io import write_json, write_text
+from derestainer.models.registry import list_generators
+
+Log = Callable[[str], None]
+
+
+def run_one(
+    spec: BenchmarkSpec, model: str, seed: int, dirs: dict[str, Path], classifiers: dict[str, dict[str, Any]],
+    log: Log, data_id: str | None = None,
+) -> dict[str, Any]:
+    """Train, translate and evaluate one (model, seed), or return its finished record (resumable).
+
+    A finished record is reused when its training fingerprint (resolved config, data, comparator)
+    matches; when only the evaluator changed, or the evaluation failed after training, the saved
+    generator is evaluated again without retraining (and without translating again when ``pred/``
+    already holds every test image from that generator). A record made with another config is an
+    error (use another ``--out`` or delete the run folder). ``data_id``:
+    :func:`~derestainer.benchmark.records.data_digest` of ``dirs`` when the caller has it already
+    (computed here otherwise).
+    """
+    folder = run_dir(spec, model, seed)
+    comparator = Path(classifiers["comparator"]["path"]) if "comparator" in classifiers else None
+    cfg = run_config(spec, model, seed, folder, comparator)
+    cfg_d = to_dict(cfg)
+    comparator_digest = classifiers["comparator"]["digest"] if cfg.train.comparator else None
+    train_fp, eval_fp = run_fingerprints(cfg_d, comparator_digest, classifiers["evaluator"]["digest"],
+                                         data_id if data_id is not None else data_digest(dirs))
+    tag = f"[{model} seed {seed}]"
+    marker = folder / MARKER
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        _check_fresh(record, train_fp, folder)
+        if record.get("eval_fingerprint") == eval_fp:
+            log(f"{tag} done before: skipped")
+            return {**record, "skipped": True}
+        log(f"{tag} trained before; evaluating again (the evaluator changed)")
+    gen_path, train_s, reused = _trained_generator(cfg, folder, train_fp, tag, log)
+    t1 = time.time()
+    pred_dir = folder / "pred"
+    # Outputs are written atomically, so a present file is a whole image from this (unchanged) generator.
+    if reused and pred_complete(dirs["he_test"], pred_dir):
+        log(f"{tag} {pred_dir} holds every test image: not translating again")
+    else:
+        log(f"{tag} translating {dirs['he_test']}")
+        stages.translate_split(gen_path, dirs["he_test"], pred_dir, cfg.train.batch_size, spec.device, log)
+    log(f"{tag} evaluating")
+    metrics = stages.evaluate_predictions(
+        pred_dir, dirs["ihc_test"], Path(classifiers["evaluator"]["path"]), folder / "eval", spec.device,
+        spec.eval_workers, log, comparator=comparator if cfg.train.comparator else None)
+    record = {
+        "model": model,
+        "seed": seed,
+        "generator": cfg.model.name,
+        "train_fingerprint": train_fp,
+        "eval_fingerprint": eval_fp,
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(time.time() - t1, 1),
+        "generator_params": generator_params(gen_path),
+        "metrics": jsonable(metrics),
+        "config": cfg_d,
+        "pred_dir": str(pred_dir.relative_to(spec.out)),
+    }
+    write_json(marker, record)  # written last, atomically: its presence means the run is complete
+    return {**record, "skipped": False}
+
+
+def _check_fresh(record: dict[str, Any] | None, train_fp: str, folder: Path) -> None:
+    """A run folder made with another configuration is an error, never silently reused."""
+    if record is not None and record.get("train_fingerprint") != train_fp:
+        raise BenchmarkError(
+            f"{folder}: this run was made with another configuration (budget, data, preset or comparator "
+            "changed). Use another --out, or delete that run folder to train it again")
+
+
+def _trained_generator(cfg: Config, folder: Path, train_fp: str, tag: str, log: Log) -> tuple[Path, float, bool]:
+    """``(generator file, training seconds, reused)``: the generator trained before with this
+    configuration (``trained.json``), or trained now."""
+    trained_marker = folder / TRAINED_MARKER
+    gen_path = folder / "generator.safetensors"
+    trained = json.loads(trained_marker.read_text()) if trained_marker.is_file() else None
+    _check_fresh(trained, train_fp, folder)
+    if trained is not None and gen_path.is_file():
+        return gen_path, float(trained["train_seconds"]), True
+    log(f"{tag} training {cfg.model.name} for {cfg.train.steps} steps "
+        f"(batch {cfg.train.batch_size}, {cfg.data.size} px)")
+    t0 = time.time()
+    stages.train_generator(cfg, folder, log)
+    if not gen_path.is_file():
+        raise RuntimeError(f"training finished without writing {gen_path}")
+    train_s = time.time() - t0
+    write_json(trained_marker, {"train_fingerprint": train_fp, "train_seconds": round(train_s, 1)})
+    return gen_path, train_s, False
+
+
+def _check_spec(spec: BenchmarkSpec) -> None:
+    if spec.steps < 1:
+        raise BenchmarkError(f"--steps must be at least 1, got {spec.steps}")
+    if not spec.models:
+        raise BenchmarkError("no models given")
+    if len(set(spec.models)) != len(spec.models):
+        raise BenchmarkError(f"models listed twice: {sorted({m for m in spec.models if spec.models.count(m) > 1})}")
+    if len({slug(m) for m in spec.models}) != len(spec.models):
+        raise BenchmarkError("two models map to the same run folder name; rename one YAML file")
+    if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
+        raise BenchmarkError(f"seeds must be distinct and at least one: {list(spec.seeds)}")
+    for item in spec.overrides:
+        target, _ = split_target(item)
+        if target is not None and target not in spec.models:
+            raise BenchmarkError(f"override {item!r} names model {target!r}, which is not in --models")
+
+
+def _check_model(model: str, cfg: Config) -> None:
+    names = list_generators()
+    if cfg.model.name not in names:
+        raise BenchmarkError(f"model {model!r}: generator {cfg.model.name!r} is not registered; available: {', '.join(names)}")
+
+
+def run_benchmark(spec: BenchmarkSpec, log: Log = print) -> dict[str, Any]:
+    """Run (or resume) the whole benchmark and write ``results.json``, ``table.md`` and ``figure.png``.
+
+    Returns:
+        The content of ``results.json``: ``runs`` (one record per model and seed), ``summary``
+        (per model and metric: mean, std, n, values), ``classifiers`` and the ``spec``.
+    Raises:
+        BenchmarkError: bad data layout, unknown model, duplicate names, stale results.
+    """
+    _check_spec(spec)
+    dirs = check_layout(Path(spec.data))
+    # Resolve every config first: a typo in the last model must not surface after an hour of training.
+    cfgs = {m: model_config(m, spec.base_config, spec.overrides) for m in spec.models}
+    for m, c in cfgs.items():
+        _check_model(m, c)
+    spec.out.mkdir(parents=True, exist_ok=True)
+    data_id = data_digest(dirs)
+    classifiers = ensure_classifiers(spec, any(needs_comparator(c) for c in cfgs.values()), data_id, log)
+
+    runs = [run_one(spec, m, s, dirs, classifiers, log, data_id=data_id) for m in spec.models for s in spec.seeds]
+    summary = summarize(runs, spec.models)
+    results = {
+        "kind": "derestainer-benchmark",
+        "spec": jsonable(spec),
+        "classifiers": classifiers,
+        "runs": [{k: v for k, v in r.items() if k != "skipped"} for r in runs],
+        "summary": summary,
+    }
+    write_json(spec.out / "results.json", results)
+    fig = None
+    try:
+        fig = make_figure(spec, dirs, spec.out / "figure.png")
+    except (OSError, ValueError) as exc:  # a figure must not cost the numbers
+        log(f"figure not written: {exc}")
+    write_text(spec.out / "table.md", format_report(summary, spec, classifiers, figure=fig, runs=runs))
+    log(f"wrote {spec.out / 'results.json'}, {spec.out / 'table.md'}" + (f", {fig}" if fig else ""))
+    return results

@@ -1,0 +1,145 @@
+"""The Table-1 report: the paper's numbers (quoted), the measured table in Markdown, ``table.md``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from derestainer.benchmark.spec import BenchmarkSpec, model_config
+from derestainer.benchmark.stats import Summary
+
+#: Paper's Table 1 (Wei et al., DeReStainer), on BCI, as printed: (method, SSIM, PSNR, top-1, top-3, top-5, kNN k=10).
+PAPER_TABLE1A: tuple[tuple[str, float, float, float, float, float, float], ...] = (
+    ("Pix2PixHD", 0.471, 19.634, 0.276, 0.480, 0.563, 0.278),
+    ("PyramidPix2Pix", 0.477, 21.161, 0.335, 0.505, 0.613, 0.330),
+    ("Just4Fun", 0.558, 22.929, 0.483, 0.670, 0.779, 0.490),
+    ("lifangda02", 0.503, 17.865, 0.368, 0.543, 0.624, 0.353),
+    ("DeReStainer (Ours)", 0.564, 20.647, 0.563, 0.726, 0.796, 0.600),
+)
+PAPER_TABLE1B: tuple[tuple[str, float, float, float, float, float, float], ...] = (
+    ("w/o L_stain", 0.559, 20.862, 0.481, 0.696, 0.787, 0.513),
+    ("w/o L_DAB", 0.555, 20.141, 0.554, 0.714, 0.788, 0.562),
+    ("Full L_stain", 0.564, 20.647, 0.563, 0.726, 0.796, 0.600),
+)
+
+#: A table column: (header, metrics key, higher is better).
+Column = tuple[str, str, bool]
+#: Table 1 columns.
+TABLE1_COLUMNS: tuple[Column, ...] = (
+    ("SSIM", "ssim", True),
+    ("PSNR", "psnr", True),
+    ("top-1", "top1", True),
+    ("top-3", "top3", True),
+    ("top-5", "top5", True),
+    ("kNN (k=10)", "knn", True),
+)
+#: Beyond the paper.
+EXTRA_COLUMNS: tuple[Column, ...] = (
+    ("top-1 excl. self", "top1_excl_self", True),
+    ("kNN excl. self", "knn_excl_self", True),
+    ("evaluator acc.", "evaluator_accuracy", True),
+    ("DAB OD r", "dab_od_pearson", True),
+    ("DAB OD MAE", "dab_od_mae", False),
+    ("DAB area MAE", "dab_fraction_mae", False),
+    ("H OD r", "h_od_pearson", True),
+    ("FID", "fid", False),
+    ("KID", "kid", False),
+)
+
+
+def _fmt(stat: dict[str, Any] | None, key: str) -> str:
+    if stat is None or not stat.get("n"):
+        return "–"
+    digits = 2 if key in ("psnr", "fid") else 3
+    mu, sd = stat["mean"], stat["std"]
+    if not math.isfinite(mu):
+        return str(mu)
+    s = f"{mu:.{digits}f}"
+    if stat["n"] > 1 and math.isfinite(sd):
+        s += f" ± {sd:.{digits}f}"
+    return s
+
+
+def markdown_table(summary: Summary, columns: Sequence[Column], label: str = "Method") -> str:
+    """A Markdown table, one row per model, ``mean ± std``; the best mean of each column in bold."""
+    models = list(summary)
+    best: dict[str, float] = {}
+    for _, key, higher in columns:
+        means = [summary[m][key]["mean"] for m in models if key in summary[m] and math.isfinite(summary[m][key]["mean"])]
+        if len(means) > 1:
+            best[key] = max(means) if higher else min(means)
+    lines = [
+        "| " + " | ".join([label] + [h + (" ↑" if hi else " ↓") for h, _, hi in columns]) + " |",
+        "|" + "---|" * (len(columns) + 1),
+    ]
+    for m in models:
+        cells = [m]
+        for _, key, _hi in columns:
+            stat = summary[m].get(key)
+            cell = _fmt(stat, key)
+            if stat and key in best and stat["n"] and stat["mean"] == best[key]:
+                cell = f"**{cell}**"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paper_table() -> str:
+    """The paper's Table 1 (a) and (b) as Markdown, headed as the paper's numbers on BCI."""
+    head = "| Method (paper, BCI) | SSIM | PSNR | top-1 | top-3 | top-5 | kNN (k=10) |\n|---|---|---|---|---|---|---|"
+    rows_a = "\n".join(f"| {r[0]} | " + " | ".join(f"{v:.3f}" for v in r[1:]) + " |" for r in PAPER_TABLE1A)
+    rows_b = "\n".join(f"| {r[0]} | " + " | ".join(f"{v:.3f}" for v in r[1:]) + " |" for r in PAPER_TABLE1B)
+    return (
+        "**The paper's numbers** (Wei et al., DeReStainer, Table 1, on the real BCI test set at 1024 px; "
+        "quoted for reference, not measured here and not comparable with synthetic-data results):\n\n"
+        f"(a) comparison\n\n{head}\n{rows_a}\n\n(b) ablation of the stain loss\n\n{head}\n{rows_b}\n"
+    )
+
+
+def _classifier_lines(classifiers: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for role, info in classifiers.items():
+        how = "trained by the benchmark" if info.get("trained_by_benchmark") else "given"
+        acc = (info.get("metrics") or {}).get("accuracy")
+        detail = ""
+        if info.get("trained_by_benchmark"):
+            st = info["settings"]
+            detail = f" ({st['arch']}, {st['steps']} steps, {st['size']} px, seed {st['seed']}, {st['subset']} training images"
+            detail += f", validation accuracy {acc:.3f})" if isinstance(acc, (int, float)) else ")"
+        lines.append(f"- {role}: {how}{detail}, sha256 {info['digest']}…")
+    return lines
+
+
+def format_report(
+    summary: Summary, spec: BenchmarkSpec, classifiers: dict[str, dict[str, Any]],
+    figure: Path | None = None, runs: Sequence[dict[str, Any]] = (),
+) -> str:
+    """``table.md``: the measured Table 1, the stain-aware metrics, the setup, and the paper's numbers."""
+    seeds = ", ".join(str(s) for s in spec.seeds)
+    size = spec.size or model_config("derestainer", spec.base_config).data.size
+    batch = spec.batch_size or model_config("derestainer", spec.base_config).train.batch_size
+    lines = [
+        f"# Benchmark on `{Path(spec.data).name}`",
+        "",
+        (f"Same budget for every model: {spec.steps} steps, batch {batch}, {size} px, base config "
+         f"`{spec.base_config}`, seeds {seeds}. Values are mean ± sample standard deviation over seeds "
+         "(no ± with one seed); the best mean per column is in bold."),
+        "",
+        "## Table 1 layout",
+        "",
+        markdown_table(summary, TABLE1_COLUMNS),
+        "",
+    ]
+    extra = [c for c in EXTRA_COLUMNS if any(c[1] in s for s in summary.values())]
+    if extra:
+        lines += ["## Stain-aware and other metrics (beyond the paper)", "", markdown_table(summary, extra), ""]
+    params = {r["model"]: r.get("generator_params") for r in runs}
+    if any(v for v in params.values()):
+        lines += ["Generator parameters: " + ", ".join(f"{m} {v / 1e6:.3g} M" for m, v in params.items() if v) + ".", ""]
+    lines += ["## Classifiers", "", *_classifier_lines(classifiers), ""]
+    if figure is not None:
+        lines += [f"![one test image per HER2 level: H&E, each method, ground truth]({figure.name})", ""]
+    lines += [paper_table()]
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""Settings of whole-slide translation (:func:`~derestainer.inference.wsi.translate_slide`), the CLI's options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from derestainer.core.errors import SlideError
+from derestainer.inference.ometiff import Compression, Layout, PyramidOptions
+from derestainer.inference.precision import Precision
+
+
+@dataclass(frozen=True)
+class SlideOptions:
+    """Settings of :func:`~derestainer.inference.wsi.translate_slide` (the CLI's options).
+
+    ``margin`` < 0 → ``overlap // 4``. ``min_tissue``: a tile is run when more than this fraction of
+    it is tissue (0 → any tissue). ``level_threshold``: see
+    :func:`~derestainer.inference.slide_outputs.slide_level`.
+    """
+
+    tile: int = 512
+    overlap: int = 64
+    margin: int = -1
+    batch_size: int = 8
+    compression: Compression = "jpeg"
+    quality: int = 90
+    layout: Layout = "ome"
+    out_tile: int = 256
+    slide_mpp: float | None = None
+    resume: bool = False
+    keep_work: bool = False
+    all_tiles: bool = False
+    min_tissue: float = 0.0
+    thumbnail_side: int = 1024
+    level_threshold: float = 0.10
+    precision: Precision = "auto"
+    progress: bool = True
+    workers: int = 2
+
+    def check_tiles(self, multiple: int) -> None:
+        """Raises SlideError when ``tile`` is not a multiple of the model's ``multiple`` or ``overlap`` is not in ``[0, tile)``."""
+        if self.tile % multiple:
+            raise SlideError(f"--tile {self.tile} must be a multiple of {multiple} for this model")
+        if not 0 <= self.overlap < self.tile:
+            raise SlideError(f"--overlap must be in [0, tile): got {self.overlap} with tile {self.tile}")
+
+    def pyramid(self, name: str, description: str) -> PyramidOptions:
+        """The options of the output TIFF."""
+        return PyramidOptions(tile=self.out_tile, compression=self.compression, quality=self.quality,
+                              layout=self.layout, name=name, description=description)
+
+
+__all__ = ["SlideOptions"]

@@ -1,0 +1,106 @@
+"""What the translation trainer is built from: models, the frozen comparator, optimizers and data."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from derestainer.core.config import Config
+from derestainer.core.errors import DatasetError, TrainingError
+from derestainer.data.datasets import build_dataset
+from derestainer.models.classifier import HER2Classifier, freeze, load_classifier
+from derestainer.models.discriminator import build_discriminator
+from derestainer.models.registry import create_generator
+from derestainer.training.distributed import mix_seed, worker_init_fn
+from derestainer.training.resume import reshard_warning
+from derestainer.training.sampling import EpochSampler, SeededPairs
+from derestainer.training.step import make_adamw
+
+if TYPE_CHECKING:
+    from derestainer.training.loop import Trainer
+
+
+def build_models(cfg: Config, active: frozenset[str] | set[str], device: torch.device,
+                 channels_last: bool) -> tuple[nn.Module, nn.Module | None]:
+    """``(generator, discriminator)`` on ``device``; no discriminator when the GAN term is off.
+
+    Seeded by the caller, so identical on every rank (DDP also broadcasts rank 0's weights).
+    """
+    generator = create_generator(cfg.model).to(device)
+    discriminator = build_discriminator(cfg.model).to(device) if "gan" in active else None
+    if channels_last:
+        generator.to(memory_format=torch.channels_last)
+        if discriminator is not None:
+            discriminator.to(memory_format=torch.channels_last)
+    return generator, discriminator
+
+
+def stain_matrix(generator: nn.Module) -> torch.Tensor | None:
+    """The generator's fixed stain matrix (``destainer.separation.rgb_from_hed``), if it has one."""
+    sep = getattr(getattr(generator, "destainer", None), "separation", None)
+    m = getattr(sep, "rgb_from_hed", None)
+    return m if isinstance(m, torch.Tensor) else None
+
+
+def load_comparator(path: str, device: torch.device, channels_last: bool) -> tuple[HER2Classifier, int | None]:
+    """The frozen comparator C of L_cmp and its input size (None: the images' own size)."""
+    model, meta = load_classifier(path, device=device)
+    freeze(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    size = meta.get("size")
+    return model, int(size) if isinstance(size, int) and size > 0 else None
+
+
+def make_optimizers(cfg: Config, generator: nn.Module,
+                    discriminator: nn.Module | None) -> tuple[torch.optim.AdamW, torch.optim.AdamW | None]:
+    """AdamW for G (``train.lr``) and D (``train.d_lr``, default ``train.lr``)."""
+    tc = cfg.train
+    b1, b2 = tc.betas
+    betas = (float(b1), float(b2))
+    opt_g = make_adamw(list(generator.parameters()), tc.lr, betas, tc.weight_decay)
+    opt_d = (make_adamw(list(discriminator.parameters()), tc.d_lr or tc.lr, betas, tc.weight_decay)
+             if discriminator is not None else None)
+    return opt_g, opt_d
+
+
+def build_data(tr: Trainer) -> None:
+    """``tr.train_set`` / ``sampler`` / ``batches_per_epoch`` / ``val_set`` / ``sample_items``."""
+    dc, tc, env = tr.cfg.data, tr.cfg.train, tr.env
+    # The dataset only decodes and resizes; SeededPairs draws the augmentation (see training.loop).
+    base = build_dataset(replace(dc, crop=0, flip=False, rot90=False), dc.train_split, train=False)
+    tr.train_set = SeededPairs(base, tc.seed, crop=dc.crop, flip=dc.flip, rot90=dc.rot90)
+    tr.sampler = EpochSampler(len(base), env.rank, env.world_size, tc.seed)
+    tr.batches_per_epoch = tr.sampler.per_rank // tc.batch_size
+    if tr.batches_per_epoch < 1:
+        raise TrainingError(
+            f"the training split has {len(base)} pairs: too few for batch_size {tc.batch_size} "
+            f"on {env.world_size} rank(s); lower train.batch_size")
+    if tr.resharded is not None:
+        tr.warn(reshard_warning(tr.resharded, env.world_size, len(base), tc.batch_size))
+    val_set: Dataset | None = None
+    try:
+        val_set = build_dataset(dc, dc.val_split, train=False)
+    except (DatasetError, ValueError) as exc:
+        tr.warn(f"no held-out split '{dc.val_split}' ({exc}); validation is off")
+    if val_set is not None and len(val_set) == 0:  # type: ignore[arg-type]  # torch's Dataset declares no __len__
+        val_set = None
+    tr.val_set = val_set
+    src = val_set if val_set is not None else base
+    n = min(tc.sample_count, len(src))  # type: ignore[arg-type]
+    tr.sample_items = [src[i] for i in range(n)] if env.is_main and n > 0 else []
+
+
+def make_loader(tr: Trainer) -> DataLoader:
+    """The one training loader of a run (its worker processes persist across epochs)."""
+    dc, tc = tr.cfg.data, tr.cfg.train
+    return DataLoader(
+        tr.train_set, batch_size=tc.batch_size, sampler=tr.sampler, drop_last=True,
+        num_workers=dc.workers, pin_memory=tr.device.type == "cuda",
+        worker_init_fn=worker_init_fn if dc.workers > 0 else None, persistent_workers=dc.workers > 0,
+        generator=torch.Generator().manual_seed(mix_seed(tc.seed, tr.env.rank)),
+    )
