@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from derestainer.benchmark import stages
-from derestainer.benchmark.records import file_digest, jsonable
+from derestainer.benchmark.records import file_digest
 from derestainer.benchmark.spec import BenchmarkSpec, model_config
 from derestainer.core.errors import BenchmarkError
-from derestainer.core.io import write_json
+from derestainer.core.io import jsonable, write_json
 
 #: How classifiers trained by the benchmark differ: seeds and disjoint halves of the training images.
 CLASSIFIER_PLAN: dict[str, dict[str, Any]] = {

@@ -8,7 +8,6 @@ rerun skips finished work and refuses results made with another configuration.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -69,22 +68,3 @@ def pred_complete(he_dir: Path, pred_dir: Path) -> bool:
     return all((pred_dir / j.rel).is_file() for j in collect_inputs([he_dir], recursive=False))
 
 
-def jsonable(obj: Any) -> Any:
-    """Plain JSON data of ``obj``: dataclasses and dicts → dicts, tuples → lists, paths → str,
-    numpy/torch scalars and arrays → Python numbers and lists. NaN and infinities are kept."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        try:
-            return obj.item()
-        except (ValueError, RuntimeError):
-            pass
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return obj

@@ -21,7 +21,6 @@ from derestainer.benchmark.records import (
     TRAINED_MARKER,
     data_digest,
     generator_params,
-    jsonable,
     pred_complete,
     run_fingerprints,
 )
@@ -39,7 +38,7 @@ from derestainer.benchmark.stats import summarize
 from derestainer.benchmark.tables import format_report
 from derestainer.core.config import Config, to_dict
 from derestainer.core.errors import BenchmarkError
-from derestainer.core.io import write_json, write_text
+from derestainer.core.io import jsonable, write_json, write_text
 from derestainer.models.registry import list_generators
 
 Log = Callable[[str], None]

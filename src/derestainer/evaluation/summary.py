@@ -10,12 +10,12 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from derestainer.core.errors import EvaluationError
+from derestainer.core.io import jsonable as core_jsonable
 from derestainer.core.levels import HER2_LEVELS, confusion_matrix
 from derestainer.evaluation.options import EvaluateOptions
 from derestainer.evaluation.pairing import Pair, listing
@@ -66,22 +66,9 @@ def pairing_check(thumbs_pred: np.ndarray, thumbs_gt: np.ndarray) -> dict[str, A
 
 
 def jsonable(obj: Any) -> Any:
-    """``obj`` made JSON-writable: dict keys → str, tuples/arrays → lists, NumPy scalars → Python,
-    non-finite floats (inf, NaN) → None, paths → str; anything else is returned unchanged."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if np.isfinite(f) else None  # JSON has no inf/NaN: null, with counts beside (n_inf)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+    """:func:`derestainer.core.io.jsonable` with non-finite floats as ``None``: JSON has no inf/NaN,
+    and the report gives counts beside (``n_inf``)."""
+    return core_jsonable(obj, "null")
 
 
 def versions() -> dict[str, str]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -37,7 +36,7 @@ import torch
 from derestainer.core.config import from_dict, to_dict
 from derestainer.core.errors import CheckpointError, ConfigError
 from derestainer.core.fileformat import expect_kind, load_tensors, read_meta, save_tensors
-from derestainer.core.io import write_json, write_text
+from derestainer.core.io import jsonable, write_json, write_text
 from derestainer.core.runs import CHECKPOINTS, LATEST, TMP_PREFIX, checkpoint_dir, list_checkpoints
 from derestainer.models.files import save_generator
 from derestainer.training.plaindata import load_optimizer, save_optimizer
@@ -130,7 +129,7 @@ def save_checkpoint(
         if opt_d is not None:
             save_optimizer(tmp / "optim_d.safetensors", opt_d, extra)
         write_json(tmp / "state.json", {"kind": "train_state", "format": STATE_FORMAT, "config": to_dict(cfg),
-                                        **_json_safe(state.to_dict())})
+                                        **jsonable(state.to_dict(), "null")})
         _fsync_dir(tmp)
         if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
             # moved aside under a temporary name (which clean_incomplete removes should we crash before
@@ -151,15 +150,6 @@ def save_checkpoint(
     return final
 
 
-def _json_safe(x: Any) -> Any:
-    # JSON has no NaN/inf in the strict sense; keep state.json readable by any parser.
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def read_state(ckpt: str | os.PathLike[str]) -> tuple[TrainState, dict[str, Any]]:
