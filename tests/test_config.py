@@ -65,3 +65,12 @@ def test_mode_fields_accept_their_values_and_yaml_on_off() -> None:
         load_config("tiny", ["train.amp=fp16"])
     with pytest.raises(ConfigError, match="train.amp"):
         load_config("tiny", ["train.amp=on"])
+
+
+def test_configs_saved_by_earlier_versions_still_load() -> None:
+    """Earlier versions stored ``--set train.tensorboard=off`` as the string "False" in every run and model file."""
+    d = to_dict(load_config("tiny"))
+    d["train"]["tensorboard"] = "False"
+    assert from_dict(d).train.tensorboard == "off"
+    d["train"]["tensorboard"] = "True"
+    assert from_dict(d).train.tensorboard == "on"

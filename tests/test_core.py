@@ -130,3 +130,12 @@ def test_run_folder_resolution(tmp_path: Path) -> None:
         find_checkpoint(tmp_path / "empty")
     with pytest.raises(DerestainerError, match="no such model file"):
         resolve_generator_file(tmp_path / "nothing")
+
+
+def test_label_csv_header_finds_columns_by_name(tmp_path: Path) -> None:
+    p = tmp_path / "labels.csv"
+    p.write_text("level,split,filename\n2+,test,a.png\n0,test,b\n")
+    assert levels.read_labels_csv(p) == {"a": 2, "b": 0}
+    p.write_text("name,score\na,1\n")
+    with pytest.raises(LabelError, match=r"labels.csv:1: the header names no 'level' column"):
+        levels.read_labels_csv(p)

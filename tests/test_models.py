@@ -235,6 +235,21 @@ def test_registry_and_save_load_roundtrip(tmp_path):
         torch.testing.assert_close(g.eval()(x).ihc, g2(x).ihc)
 
 
+def test_a_weight_of_the_wrong_shape_is_a_checkpoint_error(tmp_path):
+    from derestainer.core.errors import CheckpointError
+    from derestainer.core.fileformat import load_tensors, save_tensors
+    from derestainer.models.files import load_generator, save_generator
+
+    cfg = load_config("tiny")
+    path = save_generator(tmp_path / "g.safetensors", create_generator(cfg.model), cfg)
+    tensors, meta = load_tensors(path)
+    key = next(k for k, v in tensors.items() if v.ndim == 4 and v.shape[0] != v.shape[1])
+    tensors[key] = tensors[key].transpose(0, 1).contiguous()  # a permuted convolution weight
+    bad = save_tensors(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: weights do not fit model 'derestainer'"):
+        load_generator(bad)
+
+
 @pytest.mark.parametrize("n_layers,rf", [(1, 16), (2, 34), (3, 70)])
 def test_patch_discriminator_receptive_field(n_layers, rf):
     torch.manual_seed(0)

@@ -151,8 +151,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
-        if isinstance(value, bool):  # YAML reads a bare on/off as true/false
-            value = {True: "on", False: "off"}[value]
+        # YAML reads a bare on/off as true/false, and earlier versions stored that as "True"/"False"
+        if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+            value = "on" if str(value).lower() == "true" else "off"
         if value not in allowed:
             raise ConfigError(f"{where}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
         return value

@@ -96,7 +96,10 @@ def name_key(name: str) -> str:
 
 
 def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, int]:
-    """The one label-CSV format: rows ``name,level``, an optional header (``name,level``), ``#`` comments.
+    """The one label-CSV format: rows ``name,level``, an optional header, ``#`` comments.
+
+    With a header (a first row naming a ``name``/``file``/``filename``/``image``/``stem`` column), the
+    name and ``level`` columns are found by their names, in any order, among other columns.
 
     ``name`` is a file name or stem; ``level`` is ``0, 1+, 2+, 3+`` (or ``0..3``; ``-1``/empty for
     unknown). Returns ``{stem: level}``.
@@ -114,14 +117,22 @@ def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, int]:
             rows = list(csv.reader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise LabelError(f"{p}: cannot read label CSV ({exc})") from exc
+    name_col, level_col, seen_row = 0, 1, False
     for lineno, row in enumerate(rows, start=1):
         if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
             continue
-        if len(row) < 2:
+        first, seen_row = not seen_row, True
+        cells = [c.strip() for c in row]
+        if first and any(c.lower() in _HEADER_NAMES for c in cells):  # a header: columns found by name
+            lower = [c.lower() for c in cells]
+            if "level" not in lower:
+                raise LabelError(f"{p}:{lineno}: the header names no 'level' column")
+            name_col = next(i for i, c in enumerate(lower) if c in _HEADER_NAMES)
+            level_col = lower.index("level")
+            continue
+        if len(cells) <= max(name_col, level_col):
             raise LabelError(f"{p}:{lineno}: expected 'name,level', got {','.join(row)!r}")
-        name, value = row[0].strip(), row[1].strip()
-        if not out and name.lower() in _HEADER_NAMES:
-            continue  # header
+        name, value = cells[name_col], cells[level_col]
         level = parse_level(value, f"{p}:{lineno}")
         stem = name_key(name)
         if stem in out and out[stem] != level:

@@ -111,7 +111,7 @@ def match_pairs(
     pairs = []
     for n in common:
         lv = labels.get(n) if labels is not None else None
-        if lv is None:
+        if lv is None or lv < 0:  # not in the CSV, or unknown there: the BCI name may still carry it
             lv = level_from_name(n)
         pairs.append(Pair(name=n, pred=preds[n], gt=gts[n], level=UNKNOWN if lv is None else int(lv)))
     return Pairing(pairs=pairs, missing=missing, extra=extra)

@@ -51,7 +51,10 @@ def load_generator(path: str | os.PathLike[str], device: str | torch.device = "c
     # A custom stain matrix travels inside the weights (a buffer); rebuild with the default so that
     # loading does not need the original matrix file, then let the stored buffer overwrite it.
     model = create_generator(dataclasses.replace(cfg.model, stain_matrix="ruifrok"))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape for the stored config
+        raise CheckpointError(f"{path}: weights do not fit model {cfg.model.name!r} ({str(exc).splitlines()[0]})") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not fit model {cfg.model.name!r} "

@@ -19,6 +19,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,13 +81,16 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
         return DistEnv(0, 1, 0, dev, None)
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if dev.type == "mps":  # gloo has no MPS tensors: several processes on a Mac share the CPU
+        dev = torch.device("cpu")
     be = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        # device_id only for NCCL: older torch releases (the floor is 2.1) do not know the argument
+        kwargs: dict[str, Any] = {"device_id": dev} if be == "nccl" else {}
         dist.init_process_group(backend=be, init_method="env://", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=dev if be == "nccl" else None)
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return DistEnv(rank, world, local, dev, be)
 
 
