@@ -152,11 +152,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         # YAML reads a bare on/off as true/false, and earlier versions stored that as "True"/"False"
+        word = value
         if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
-            value = "on" if str(value).lower() == "true" else "off"
-        if value not in allowed:
-            raise ConfigError(f"{where}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
-        return value
+            word = "on" if str(value).lower() == "true" else "off"
+        if word not in allowed:
+            read_as = f" (read as {word!r})" if word != value else ""
+            raise ConfigError(f"{where}: expected one of {', '.join(map(str, allowed))}, got {value!r}{read_as}")
+        return word
     if tp is bool:
         if isinstance(value, bool):
             return value
