@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -309,3 +314,88 @@ def test_cli_errors_are_clean(tmp_path, rng):
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["left_out"]["extra_prediction"] == 1
     r = CliRunner().invoke(main, ["evaluate", "--pred", str(pred), "--gt", str(gt), "--classifier", str(tmp_path / "nope.safetensors")])
     assert r.exit_code == 1 and "nope.safetensors" in r.output
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker processes do not outlive a killed evaluation
+
+_POOL_SCRIPT = """
+import sys, time
+from derestainer.evaluation.pool import PairTask, iterate_pairs
+
+def main():
+    folder = sys.argv[1]
+    tasks = [PairTask(i, f"{folder}/p{i % 2}.png", f"{folder}/g{i % 2}.png", False, 0.15, 0.15) for i in range(40)]
+    it = iterate_pairs(tasks, 2)
+    next(it)
+    print("ready", flush=True)
+    time.sleep(600)  # the pool stays up, its workers idle, until the test kills this process
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` that are multiprocessing spawn workers (from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (PID 1 of a container may never reap it)
+
+
+def _poll(predicate: Callable[[], bool], deadline_s: float = 20.0) -> bool:
+    """Poll until ``predicate`` holds: a generous deadline on correctness, not a timing assertion."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_workers_exit_when_the_evaluation_is_killed(tmp_path: Path, rng: np.random.Generator, sig: str) -> None:
+    """SIGKILL: the workers notice their parent is gone; SIGTERM (exit 143) and Ctrl-C: the parent stops them."""
+    for k in range(2):
+        write_image(tmp_path / f"g{k}.png", blobs(rng, 32))
+        write_image(tmp_path / f"p{k}.png", blobs(rng, 32))
+    (tmp_path / "run.py").write_text(_POOL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        found: set[int] = set()
+
+        def two_workers() -> bool:
+            found.update(_children(proc.pid))
+            return len(found) >= 2
+
+        assert _poll(two_workers), found
+        workers = sorted(found)
+        proc.send_signal(getattr(signal, sig))
+        code = proc.wait(60)
+        assert code == {"SIGKILL": -signal.SIGKILL, "SIGTERM": 128 + signal.SIGTERM, "SIGINT": -signal.SIGINT}[sig]
+        assert _poll(lambda: not any(_alive(w) for w in workers)), [w for w in workers if _alive(w)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -113,3 +113,65 @@ def test_jsonable_is_plain_json_with_a_chosen_nonfinite_rule() -> None:
     json.dumps(strict, allow_nan=False)  # any strict parser reads it
     kept = jsonable([float("nan"), np.float64("-inf")])
     assert math.isnan(kept[0]) and kept[1] == -math.inf and type(kept[1]) is float
+
+
+def test_outputs_are_0644_under_umask_022_even_when_the_writer_makes_its_own_file(tmp_path) -> None:
+    """safetensors' save_file replaces the temporary file with one of its own, mode 0600."""
+    import os
+    import stat
+
+    import torch
+
+    from derestainer.core.fileformat import save_tensors
+
+    mask = os.umask(0o022)
+    try:
+        save_tensors(tmp_path / "w.safetensors", {"x": torch.zeros(3)}, {"kind": "test"})
+        write_image(tmp_path / "i.png", np.zeros((4, 4, 3), np.uint8))
+        write_json(tmp_path / "j.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"w.safetensors": 0o644, "i.png": 0o644, "j.json": 0o644}
+
+
+def _temp_name(final: str, pid: int) -> str:
+    """A temporary name as :func:`atomic_path` makes it, for writer ``pid`` on this host."""
+    from unittest import mock
+
+    from derestainer.core import io
+
+    with mock.patch.object(io.os, "getpid", return_value=pid):
+        return io.temp_path(Path(final), ".json").name
+
+
+def test_clean_stale_temps_removes_only_dead_writers_files(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from derestainer.core.io import _HOST as host
+    from derestainer.core.io import clean_stale_temps
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its PID is free (a new process could take it: that would only keep its file)
+    dead = tmp_path / _temp_name("a.json", child.pid)
+    live = tmp_path / _temp_name("b.json", os.getpid())
+    with atomic_path(tmp_path / "c.json") as in_progress:  # this process's own write, still running
+        in_progress.write_text("{}")
+        assert dead.name.startswith(f".a.json.{host}-{child.pid}-") and dead.name.endswith(".tmp.json")
+        other_host = dead.name.replace(f".{host}-", ".0123abcd-" if host != "0123abcd" else ".89abcdef-")
+        foreign = [other_host, ".a.json.tmp.json", f".a.json.{host}-{child.pid}.tmp.json", "a.json",
+                   f"a.json.{host}-{child.pid}-0123456789ab.tmp.json", f".x.{host}-0-0123456789ab.tmp"]
+        for name in [dead.name, live.name, *foreign]:
+            (tmp_path / name).write_text("x")
+        (tmp_path / "sub").mkdir()
+        nested = tmp_path / "sub" / dead.name
+        nested.write_text("x")
+        stale_dir = tmp_path / _temp_name("d.json", child.pid)
+        stale_dir.mkdir()  # not a file atomic_path makes: left alone
+        assert clean_stale_temps(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, *foreign, "sub", stale_dir.name, "c.json"])
+    assert nested.is_file()
+    assert clean_stale_temps(tmp_path / "missing") == []

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import hashlib
 import json
 import math
 import os
+import re
 import secrets
-from collections.abc import Iterator
+import socket
+import stat
+import threading
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,27 +35,97 @@ from derestainer.core.errors import ImageReadError
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+#: Largest image (width × height) that :func:`read_image` decodes: Pillow's decompression-bomb limit
+#: (about 89 megapixels, 9459² px). A bigger file is almost always a whole slide (``translate-slide``
+#: streams those) or a crafted file; ``DERESTAINER_MAX_IMAGE_PIXELS`` raises the limit.
+MAX_IMAGE_PIXELS: int = int(os.environ.get("DERESTAINER_MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS or 89_478_485))
+
+_PIL_LIMIT = threading.Lock()
+#: ``errno`` values that mean "this place cannot be written" (a user's environment, not a bug): a
+#: read-only folder or file system, a full disk or quota, a file too large, a path through a file.
+WRITE_ERRNOS: frozenset[int] = frozenset(
+    e for e in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", None),
+                errno.EFBIG, errno.ENOTDIR, errno.EEXIST, errno.EISDIR) if e is not None)
+_MODES = ("I;16", "I;16B", "I;16L", "I", "P", "RGBA", "LA", "PA", "L", "1", "RGB", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _check_header(im: Image.Image, p: Path, max_pixels: int | None) -> None:
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise ImageReadError(f"{p}: image is empty ({w}×{h} px)")
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if w * h > limit:
+        raise ImageReadError(
+            f"{p}: {w}×{h} px is over the limit of {limit:,} pixels for one image "
+            "(a whole slide? use `derestainer translate-slide`; or set DERESTAINER_MAX_IMAGE_PIXELS)")
+    if im.mode not in _MODES:
+        raise ImageReadError(f"{p}: unsupported image mode {im.mode!r}")
+
+
+def _open(p: Path, max_pixels: int | None = None) -> Image.Image:
+    """``Image.open`` with every way a file can fail to be an image mapped to :class:`ImageReadError`."""
+    if not p.is_file():
+        raise ImageReadError(f"{p}: no such image file")
+    try:
+        with warnings.catch_warnings():  # over the limit is refused below, with the file's name
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _PIL_LIMIT:  # Pillow's global guard off (our own limit is checked below), thread-safely
+                old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                try:
+                    im = Image.open(p)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = old
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{p}: image is over the pixel limit ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{p}: cannot read image ({exc})") from None
+    try:
+        _check_header(im, p, max_pixels)
+    except ImageReadError:
+        im.close()
+        raise
+    return im
+
+
+def check_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> tuple[int, int]:
+    """Check an image's header without decoding it (exists, is an image, size, mode, pixel limit).
+
+    Returns:
+        ``(width, height)``.
+    Raises:
+        ImageReadError: naming the file and what is wrong with it.
+    """
+    with _open(Path(path), max_pixels) as im:
+        return im.size
+
+
+def check_images(paths: Iterable[str | os.PathLike[str]]) -> None:
+    """:func:`check_image` for every path: a bad file is reported before any work starts."""
+    for p in paths:
+        check_image(p)
+
+
+def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
     """Read an image as ``uint8 [H, W, 3]`` RGB.
 
     Conversion rules (documented in the README): grayscale (L, I, I;16, 1) is replicated to three
     channels; RGBA and LA are composited over white, the colour of an empty slide; palette
     images are expanded; 16-bit images are scaled to 8 bits. Anything else is an error.
 
+    Args:
+        max_pixels: the largest width × height decoded (default :data:`MAX_IMAGE_PIXELS`).
     Raises:
-        ImageReadError: the file is missing, not an image, truncated, or empty.
+        ImageReadError: the file is missing, not an image, truncated, empty, or over the pixel limit.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ImageReadError(f"{p}: no such image file")
-    try:
-        with Image.open(p) as im:
+    with _open(p, max_pixels) as im:
+        try:
             im.load()  # forces a full decode: a truncated file fails here, not later
             arr = _to_rgb(im, p)
-    except ImageReadError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{p}: cannot read image ({exc})") from exc
+        except ImageReadError:
+            raise
+        except (OSError, SyntaxError, ValueError, MemoryError) as exc:
+            raise ImageReadError(f"{p}: cannot read image ({exc})") from None
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageReadError(f"{p}: image is empty")
     return arr
@@ -77,36 +154,110 @@ def _to_rgb(im: Image.Image, p: Path) -> np.ndarray:
     raise ImageReadError(f"{p}: unsupported image mode {mode!r}")
 
 
+#: Host of this process in temporary names (hashed: short, and any host name is a safe file name).
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+#: ``.{name}.{host}-{pid}-{random}.tmp{suffix}``: what :func:`atomic_path` writes and :func:`clean_stale_temps` removes.
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>[1-9][0-9]{0,9})-[0-9a-f]{12}\.tmp.*", re.S)
+
+
+def temp_path(final: Path, suffix: str) -> Path:
+    """A fresh temporary name beside ``final``, naming the writer (host and PID) so that it can be cleaned up."""
+    return final.parent / f".{final.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(6)}.tmp{suffix}"
+
+
+def _named(exc: OSError, final: Path) -> OSError:
+    """A full disk or a read-only folder met while writing ``final``: the same error, naming ``final``
+    (not the temporary file, which no longer exists); any other error unchanged."""
+    if exc.errno in WRITE_ERRNOS:
+        return OSError(exc.errno, exc.strerror, str(final))
+    return exc
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``, on error delete it.
 
-    The temporary name keeps the final suffix (so that writers choosing a format by extension work).
+    The temporary name keeps the final suffix (so that writers choosing a format by extension work)
+    and names its writer (see :func:`clean_stale_temps`). The final file gets the mode any newly
+    created file gets (0666 less the umask), even when the writer replaced the temporary file with
+    one of its own (safetensors' ``save_file`` creates it 0600).
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _named(exc, final) from None
     sfx = final.suffix if suffix is None else suffix
     # Not tempfile.mkstemp: it creates mode 0600. O_EXCL with mode 0666 lets the kernel apply the
-    # umask, so the final file gets the permissions any newly created file would get.
+    # umask; the mode it gave is read back (no os.umask call: that would not be thread-safe).
     for _ in range(100):
-        tmp_path = final.parent / f".{final.name}.{secrets.token_hex(6)}.tmp{sfx}"
+        tmp_path = temp_path(final, sfx)
         try:
             fd = os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             break
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise _named(exc, final) from None
     else:
         raise FileExistsError(f"{final.parent}: could not create a temporary file for {final.name}")
-    os.close(fd)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, final)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise _named(exc, final) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this host); a process of another user counts as alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files :func:`atomic_path` left in ``folder`` (not below it) when its writer died.
+
+    Only regular files named by :func:`temp_path` whose writer ran on this host and is no longer
+    alive are removed; everything else is left alone, including temporary files of live processes,
+    of other hosts, and anything else. Not on Windows (where no signal 0 probes a process): nothing.
+
+    Returns:
+        The files removed, sorted.
+    """
+    if os.name != "posix":
+        return []
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed: list[Path] = []
+    for p in entries:
+        m = _TEMP_NAME.fullmatch(p.name)
+        if m is None or m["host"] != _HOST or _alive(int(m["pid"])):
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove: left alone
+            if stat.S_ISREG(p.lstat().st_mode):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def write_image(path: str | os.PathLike[str], image: np.ndarray, quality: int = 95) -> Path:

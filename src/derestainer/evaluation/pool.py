@@ -2,11 +2,22 @@
 
 Each task reads both images, resizes the prediction to the ground truth's size, computes SSIM/PSNR
 and the stain statistics, and makes a small grey thumbnail of each for the pairing check.
+
+Workers do not outlive the evaluation: each one exits within 0.2 s of its parent's death (it polls
+its parent PID; on Linux the kernel also sends it SIGTERM), and a SIGTERM to the parent becomes a
+clean stop (exit status 143) that cancels the queued pairs and terminates the workers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -62,6 +73,74 @@ def evaluate_pair(task: PairTask) -> dict[str, Any]:
     return out
 
 
+#: How often a worker checks that its parent is still there, in seconds.
+PARENT_POLL_S: float = 0.2
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _poll_parent(parent: int) -> None:
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent:
+            os._exit(1)  # the parent is gone (reparented): nothing will read our results
+
+
+def watch_parent(parent: int, deathsig: bool) -> None:
+    """Worker initializer: exit as soon as process ``parent`` dies, whatever killed it; leave Ctrl-C to it.
+
+    On Linux with ``deathsig``, the kernel sends SIGTERM when the parent dies (``PR_SET_PDEATHSIG``;
+    only when the pool was started from the parent's main thread, since the signal follows the thread
+    that spawned the worker); everywhere, a daemon thread polls the parent PID every
+    :data:`PARENT_POLL_S` seconds.
+    """
+    if deathsig and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # died before we got here
+        os._exit(1)
+    # Ctrl-C reaches the whole process group: the parent handles it (and stops us), not each worker
+    # with a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_poll_parent, args=(parent,), name="derestainer-parent-watch", daemon=True).start()
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's workers (no public way to stop busy workers before Python 3.14)."""
+    for p in list((pool._processes or {}).values()):
+        with contextlib.suppress(OSError, ValueError):
+            p.terminate()
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit(pool: ProcessPoolExecutor) -> Iterator[None]:
+    """While the body runs, SIGTERM terminates the pool's workers and raises SystemExit(143) (so that
+    ``finally`` clauses run) instead of killing the process outright. Only from the main thread and
+    when nobody else handles SIGTERM."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        # The workers go now: the exception may unwind code that keeps this generator alive until exit.
+        _terminate(pool)
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _abort(pool: ProcessPoolExecutor, running: set[Future[dict[str, Any]]]) -> None:
+    """Stop at once: cancel what is queued, terminate the workers (their results are not wanted)."""
+    for f in running:
+        f.cancel()
+    _terminate(pool)
+    # The pool's manager thread sees the workers gone and exits; waiting for it frees the pool's queues.
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def iterate_pairs(tasks: list[PairTask], workers: int) -> Iterator[dict[str, Any]]:
     """Results of :func:`evaluate_pair` for every task, in completion order, from ``workers`` processes."""
     if workers <= 1 or len(tasks) <= 1:
@@ -74,8 +153,12 @@ def iterate_pairs(tasks: list[PairTask], workers: int) -> Iterator[dict[str, Any
     # At most 2 tasks per worker in flight: results may carry full-size images for the evaluator, and a
     # slow consumer (a CPU evaluator) must hold the workers back rather than let results pile up in memory.
     window = 2 * n_proc
-    with ProcessPoolExecutor(max_workers=n_proc, mp_context=ctx) as pool:
+    main = threading.current_thread() is threading.main_thread()
+    pool = ProcessPoolExecutor(max_workers=n_proc, mp_context=ctx, initializer=watch_parent,
+                               initargs=(os.getpid(), main))
+    with _sigterm_as_exit(pool):
         running: set[Future[dict[str, Any]]] = set()
+        finished = False
         try:
             for t in tasks:
                 running.add(pool.submit(evaluate_pair, t))
@@ -87,6 +170,9 @@ def iterate_pairs(tasks: list[PairTask], workers: int) -> Iterator[dict[str, Any
                 done, running = wait(running, return_when=FIRST_COMPLETED)
                 for f in done:
                     yield f.result()
+            finished = True
         finally:
-            for f in running:
-                f.cancel()
+            if finished:
+                pool.shutdown(wait=True)
+            else:  # an error, SIGTERM, Ctrl-C, or the consumer stopped early
+                _abort(pool, running)

@@ -20,21 +20,29 @@ into ``openslide.mpp-x/y``; the OME layout also as OME ``PhysicalSizeX/Y`` in µ
 Compression: ``jpeg`` (quality 90 by default; what scanners write, ~10× smaller) or ``lossless``
 (Deflate with horizontal predictor, readable by every TIFF reader including OpenSlide and
 Bio-Formats; JPEG-XL/JPEG 2000 in TIFF are not read by OpenSlide and are not used).
+
+Memory held per level (counted in :class:`PyramidStats`): the rows waiting to be cut into TIFF
+tiles (< ``tile`` + the largest incoming block), the next level's rows waiting to be spooled
+(< ``rows_per_file`` + the largest reduced block) and tifffile's encoder batch, limited to one row of
+TIFF tiles (when tifffile encodes in several threads, i.e. on ≥ 4 CPUs, its default batch of 512 MB
+of raw tiles takes a whole level of most slides at once, and keeps all their encoded bytes).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
 
 from derestainer.core.io import atomic_path
-from derestainer.inference.tiling import downsample2_rows, rows_to_tiles
+from derestainer.inference.tiling import HighWater, downsample2_rows, rows_to_tiles
 
 
 def level_shapes(height: int, width: int, tile: int = 256, min_side: int | None = None) -> list[tuple[int, int]]:
@@ -57,10 +65,11 @@ class _Spool:
     while the level above is written and its own writing: memory stays at one file's worth of rows.
     """
 
-    def __init__(self, folder: Path, name: str, rows_per_file: int = 256) -> None:
+    def __init__(self, folder: Path, name: str, rows_per_file: int = 256, held: HighWater | None = None) -> None:
         self.folder = folder
         self.name = name
         self.rows_per_file = rows_per_file
+        self.held = HighWater() if held is None else held  # rows in memory: < rows_per_file + one block
         self.count = 0
         self._pending: list[np.ndarray] = []
         self._n = 0
@@ -71,6 +80,7 @@ class _Spool:
     def write(self, block: np.ndarray) -> None:
         self._pending.append(block)
         self._n += block.shape[0]
+        self.held.take(block.shape[0])
         if self._n >= self.rows_per_file:
             self._flush()
 
@@ -81,6 +91,7 @@ class _Spool:
         path = self.folder / f"{self.name}_{self.count:06d}.npz"
         np.savez_compressed(path, rows=data)
         self.count += 1
+        self.held.release(self._n)
         self._pending, self._n = [], 0
 
     def close(self) -> None:
@@ -156,6 +167,33 @@ class PyramidOptions:
             raise ValueError(f"TIFF tile side must be a multiple of 16, got {self.tile}")
 
 
+@dataclass
+class PyramidStats:
+    """What :func:`write_pyramid` held in memory, one entry per level (bounds in the module docstring).
+
+    Attributes:
+        tiler: rows waiting to be cut into TIFF tiles (``.max``: the most at once).
+        spool: rows of the next level waiting to be spooled (none for the last level).
+        encoder_buffer: bytes of raw tiles tifffile may gather before encoding (None: its default).
+    """
+
+    tiler: list[HighWater] = field(default_factory=list)
+    spool: list[HighWater] = field(default_factory=list)
+    encoder_buffer: list[int | None] = field(default_factory=list)
+
+
+@functools.cache
+def _write_takes_buffersize() -> bool:
+    import tifffile  # optional (the wsi extra)
+
+    return "buffersize" in inspect.signature(tifffile.TiffWriter.write).parameters
+
+
+def encoder_buffer(tile: int, width: int) -> int:
+    """Bytes of one row of ``tile × tile`` RGB uint8 TIFF tiles over ``width``: tifffile's encoder batch."""
+    return -(-width // tile) * tile * tile * 3
+
+
 def _common_kwargs(o: PyramidOptions) -> dict[str, Any]:
     """tifffile ``write`` arguments shared by every level: tiling, colour, compression."""
     common: dict[str, Any] = {"tile": (o.tile, o.tile), "photometric": "rgb", "dtype": np.uint8,
@@ -190,6 +228,7 @@ def write_pyramid(
     *,
     work_dir: str | os.PathLike[str],
     options: PyramidOptions = PyramidOptions(),
+    stats: PyramidStats | None = None,
 ) -> dict[str, Any]:
     """Write a tiled pyramidal TIFF from a stream of full-width RGB row blocks, atomically.
 
@@ -200,6 +239,7 @@ def write_pyramid(
         mpp: microns per pixel of the base level.
         work_dir: folder for the spooled reduced levels (created; emptied of spool files after).
         options: tile side, compression, layout, names (:class:`PyramidOptions`).
+        stats: filled with what each level held in memory (:class:`PyramidStats`).
 
     Returns:
         ``{"levels": [(h, w), ...], "mpp": [...per level], "compression", "layout", "tile"}``.
@@ -216,6 +256,7 @@ def write_pyramid(
     shapes = level_shapes(height, width, o.tile)
     work = Path(work_dir)
     common = _common_kwargs(o)
+    stats = PyramidStats() if stats is None else stats
     spools: list[_Spool] = []
     try:
         with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=(o.layout == "ome")) as tif:
@@ -224,9 +265,13 @@ def write_pyramid(
                 nxt = _Spool(work, f"level{k + 1}") if k + 1 < len(shapes) else None
                 if nxt is not None:
                     spools.append(nxt)
+                    stats.spool.append(nxt.held)
+                stats.tiler.append(HighWater())
+                stats.encoder_buffer.append(encoder_buffer(o.tile, w) if _write_takes_buffersize() else None)
+                buffer: dict[str, Any] = {} if stats.encoder_buffer[-1] is None else {"buffersize": stats.encoder_buffer[-1]}
                 stream = _checked(_tee_downsample(src, nxt), h, w, k)
                 px_per_cm = 1e4 / (mpp * width / w)
-                tif.write(rows_to_tiles(stream, w, o.tile), **common, shape=(h, w, 3),
+                tif.write(rows_to_tiles(stream, w, o.tile, held=stats.tiler[-1]), **common, **buffer, shape=(h, w, 3),
                           resolution=(px_per_cm, px_per_cm), **_level_kwargs(o, k, len(shapes), mpp))
                 # tifffile stops pulling once it has every tile; run the stream to its end so that the
                 # row count is checked and the next level's spool is flushed.

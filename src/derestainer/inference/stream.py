@@ -6,6 +6,12 @@ prefetched while this one runs). Each finished row band is saved to the work fol
 ``band_NNNNN.json`` side file with its rows and level probabilities) and yielded to the TIFF writer
 (:mod:`.ometiff`). Memory: O(tile × width). ``progress.json`` holds the settings the bands were made
 with; resuming with other settings is refused.
+
+What is in flight is bounded independently of the slide's height: the reader pool is only ever given
+this tile row and the next (rows are submitted by the consumer loop, so a slow model holds the
+readers back rather than letting read tiles pile up), counted in ``BandStream.tiles_in_flight`` and
+never above ``BandStream.tile_bound`` = 2 × tiles per row; the model sees ``batch_size`` tiles at a
+time; the blender holds ``tile`` rows; one band at a time is handed to the writer.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 from PIL import Image
 
 from derestainer.core.errors import SlideError
-from derestainer.core.io import atomic_path, write_json
+from derestainer.core.io import atomic_path, clean_stale_temps, write_json
 from derestainer.core.ranges import signed_to_unit, uint8_to_signed
 from derestainer.inference.loading import LoadedModel
 from derestainer.inference.ometiff import remove_tree
@@ -33,7 +39,7 @@ from derestainer.inference.prediction import predict
 from derestainer.inference.slide_options import SlideOptions
 from derestainer.inference.slide_outputs import ProbsGrid
 from derestainer.inference.slides import SlideReader
-from derestainer.inference.tiling import BandBlender
+from derestainer.inference.tiling import BandBlender, HighWater
 
 PROGRESS_FORMAT = 2  # 2: settings in progress.json (written once), one band_NNNNN.json per finished band
 
@@ -110,6 +116,7 @@ class WorkFolder:
                     f"{self.path}: the saved progress was made with other settings ({', '.join(diff) or 'format'}); "
                     f"delete that folder or run without --resume"
                 )
+            clean_stale_temps(self.path)  # half-written bands of a killed run
             # A band is done when its image and then its side file (rows, probabilities) were written.
             for i in range(n_rows):
                 if self.band_json(i).is_file() and self.band_png(i).is_file():
@@ -130,7 +137,8 @@ class BandStream:
     """Row bands of the output, top to bottom: loaded from the work folder where finished, else computed.
 
     Attributes (after :meth:`rows` has run): probs_grid (level probabilities per tile, finished bands
-    included), computed_tiles and model_seconds (this session's work).
+    included), computed_tiles and model_seconds (this session's work), tiles_in_flight (tiles given to
+    the reader pool and not yet blended; ``.max`` ≤ :attr:`tile_bound`).
     """
 
     def __init__(self, lm: LoadedModel, reader: SlideReader, plan: SlidePlan, run: np.ndarray, work: WorkFolder,
@@ -144,12 +152,20 @@ class BandStream:
         self.done_tiles = int(sum(run[i].sum() for i in done))
         self.computed_tiles = 0
         self.model_seconds = 0.0
+        self.tiles_in_flight = HighWater()
+
+    @property
+    def tile_bound(self) -> int:
+        """The most tiles ever in flight: this tile row and the prefetched next one."""
+        return 2 * self.plan.grid.n_cols
 
     def _submit(self, pool: cf.ThreadPoolExecutor, i: int) -> _Futures:
         grid, t = self.plan.grid, self.plan.grid.tile
         y0 = int(grid.ys[i])
-        return [(j, pool.submit(read_model_region, self.reader, self.plan, y0, int(grid.xs[j]), t, t))
-                for j in range(grid.n_cols) if self.run[i, j]]
+        futures = [(j, pool.submit(read_model_region, self.reader, self.plan, y0, int(grid.xs[j]), t, t))
+                   for j in range(grid.n_cols) if self.run[i, j]]
+        self.tiles_in_flight.take(len(futures))
+        return futures
 
     def rows(self, bar: Any = None) -> Iterator[np.ndarray]:
         """uint8 bands ``[rows, width, 3]`` summing to the output's height; ``bar``: a tqdm-like progress bar."""
@@ -183,21 +199,28 @@ class BandStream:
                 yield band
 
     def _blend_row(self, blender: BandBlender, i: int, futures: _Futures, bar: Any = None) -> list[list[float] | None]:
-        """Run the tissue tiles of tile row ``i`` in batches and add them (and white for the rest) to ``blender``."""
+        """Run the tissue tiles of tile row ``i`` in batches and add them (and white for the rest) to ``blender``.
+
+        ``futures`` is emptied batch by batch, so that each batch's tiles are freed once blended.
+        """
         n_cols = self.run.shape[1]
         probs: list[list[float] | None] = [None] * n_cols
         for j in range(n_cols):
             if not self.run[i, j]:
                 blender.add_constant(j, 1.0)  # background: white
-        for b in range(0, len(futures), self.batch_size):
-            chunk = futures[b:b + self.batch_size]
+        while futures:
+            chunk = futures[:self.batch_size]
+            del futures[:self.batch_size]
             out, p = infer_tiles(self.lm, [f.result() for _, f in chunk], self.precision)
             for k, (j, _) in enumerate(chunk):
                 blender.add(j, out[k])
                 if p is not None:
                     probs[j] = [float(v) for v in p[k]]
+            n = len(chunk)
+            del chunk, out, p  # the tiles go before they are counted as gone
+            self.tiles_in_flight.release(n)
             if bar is not None:
-                bar.update(len(chunk))
+                bar.update(n)
         return probs
 
 

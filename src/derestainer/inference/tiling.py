@@ -288,7 +288,27 @@ def extract_tile(image: np.ndarray, box: tuple[int, int, int, int], pad_value: f
     return out
 
 
-def rows_to_tiles(rows: Iterable[np.ndarray], width: int, tile: int, fill: int = 255) -> Iterator[np.ndarray]:
+class HighWater:
+    """A count of things held in memory (tiles, rows) and the most ever held at once.
+
+    The thread that takes things is the one that releases them, so the maximum is a property of the
+    code path, not of how busy the machine is: it is how streaming code states its memory bound.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.max = 0
+
+    def take(self, n: int = 1) -> None:
+        self.now += n
+        self.max = max(self.max, self.now)
+
+    def release(self, n: int = 1) -> None:
+        self.now -= n
+
+
+def rows_to_tiles(rows: Iterable[np.ndarray], width: int, tile: int, fill: int = 255,
+                  held: HighWater | None = None) -> Iterator[np.ndarray]:
     """Re-chunk a stream of full-width row blocks into ``tile × tile`` tiles in row-major order.
 
     This is what a tiled TIFF writer consumes. Edge tiles are padded to full size with ``fill``
@@ -298,10 +318,12 @@ def rows_to_tiles(rows: Iterable[np.ndarray], width: int, tile: int, fill: int =
         rows: blocks ``[r_k, width, C]`` (any heights) in top-to-bottom order.
         width: image width.
         tile: output tile side.
+        held: counts the rows waiting to be cut; never more than ``tile − 1`` plus the largest block.
 
     Yields:
         ``[tile, tile, C]`` arrays of the rows' dtype.
     """
+    held = HighWater() if held is None else held
     pending: list[np.ndarray] = []
     n_pending = 0
     for block in rows:
@@ -309,15 +331,18 @@ def rows_to_tiles(rows: Iterable[np.ndarray], width: int, tile: int, fill: int =
             raise ValueError(f"row block of width {block.shape[1]}, expected {width}")
         pending.append(block)
         n_pending += block.shape[0]
+        held.take(block.shape[0])
         while n_pending >= tile:
             band = np.concatenate(pending, axis=0) if len(pending) > 1 else pending[0]
             yield from _band_tiles(band[:tile], width, tile, fill)
             rest = band[tile:]
             pending = [rest] if len(rest) else []
             n_pending = len(rest)
+            held.release(tile)
     if n_pending:
         band = np.concatenate(pending, axis=0)
         yield from _band_tiles(band, width, tile, fill)
+        held.release(n_pending)
 
 
 def _band_tiles(band: np.ndarray, width: int, tile: int, fill: int) -> Iterator[np.ndarray]:
