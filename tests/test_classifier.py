@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -258,9 +259,24 @@ def _resnet18_file(tmp_path: Path, fmt: str, prefix: str = "") -> tuple[Path, di
     return p, state
 
 
+def _convert_weights(src: Path, dst: Path) -> Path:
+    """Run scripts/convert_weights.py (the one place allowed to torch.load a .pth) on ``src``."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_weights.py"
+    spec = importlib.util.spec_from_file_location("convert_weights", script)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(src), str(dst)]) == 0
+    return dst
+
+
 @pytest.mark.parametrize("fmt,prefix", [("safetensors", ""), ("pth", "module.")])
 def test_pretrained_weights_from_local_file(tmp_path: Path, fmt: str, prefix: str) -> None:
     path, state = _resnet18_file(tmp_path, fmt, prefix)
+    if fmt == "pth":  # a .pth is refused; its one-off conversion to safetensors loads
+        with pytest.raises(CheckpointError, match="convert_weights.py"):
+            HER2Classifier("resnet18", pretrained_weights=path)
+        path = _convert_weights(path, tmp_path / "r18_converted.safetensors")
     torch.manual_seed(0)
     scratch = HER2Classifier("resnet18")
     torch.manual_seed(0)
@@ -285,8 +301,12 @@ def test_pretrained_weights_errors(tmp_path: Path) -> None:
         HER2Classifier("resnet18", pretrained_weights=tmp_path / "nope.pth")
     pickled = tmp_path / "evil.pth"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "obj": Path("x")}, pickled)
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="evil.pth: PyTorch pickle files are not loaded"):
         HER2Classifier("resnet18", pretrained_weights=pickled)
+    disguised = tmp_path / "evil.safetensors"  # a pickle under a safetensors name: refused, not unpickled
+    disguised.write_bytes(pickled.read_bytes())
+    with pytest.raises(CheckpointError, match="evil.safetensors: not a readable safetensors file.*convert_weights"):
+        HER2Classifier("resnet18", pretrained_weights=disguised)
 
 
 # --------------------------------------------------------------------------------------------------

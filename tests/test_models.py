@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from derestainer.core.config import LossConfig, ModelConfig, load_config
+from derestainer.core.errors import ConfigError
 from derestainer.core.ranges import signed_to_unit, unit_to_signed
 from derestainer.layers import simam
 from derestainer.losses import generator_losses
@@ -213,7 +214,7 @@ def test_stain_matrix_from_files(tmp_path):
     (tmp_path / "bad.json").write_text("[[1, 2, 3], [2, 4, 6], [0, 0, 1]]")
     with pytest.raises(ValueError, match="bad.json.*singular"):
         load_stain_matrix(str(tmp_path / "bad.json"))
-    with pytest.raises(FileNotFoundError, match="missing.npy"):
+    with pytest.raises(ConfigError, match="missing.npy: stain matrix file does not exist"):
         load_stain_matrix(str(tmp_path / "missing.npy"))
     (tmp_path / "m.txt").write_text("1")
     with pytest.raises(ValueError, match="m.txt"):

@@ -7,6 +7,7 @@ and read back with :func:`from_dict`, which rejects unknown keys so that a typo 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -200,7 +201,45 @@ def from_dict(d: dict[str, Any], cls: type = Config, where: str = "") -> Any:
             kwargs[k] = from_dict(v, tp, f"{where}{k}.")
         else:
             kwargs[k] = _coerce(v, tp, f"{where}{k}")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_values(obj, where)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# Value checks (ranges and choices that the types alone do not say)
+
+#: What the generator's encoder sees: the H-channel image (paper), the RGB image, or both.
+ENCODER_INPUTS: tuple[str, ...] = ("h", "rgb", "h+rgb")
+#: Fields of :class:`ModelConfig` that are sizes (≥ 1) and counts (≥ 0).
+_POSITIVE_MODEL = ("ngf", "n_down", "ndf", "d_layers", "d_scales")
+_COUNT_MODEL = ("n_head_down", "n_fusion_blocks", "h_embed_dim")
+
+
+def check_values(obj: Any, where: str = "") -> None:
+    """Raise :class:`ConfigError` for a value out of its range in a :class:`ModelConfig` or :class:`DataConfig`.
+
+    Model widths and block counts, ``n_levels ≥ 2``, ``encoder_input`` one of :data:`ENCODER_INPUTS`;
+    ``data.size ≥ 1`` and ``data.mpp`` a positive finite number. Other config classes pass unchecked.
+    """
+    if isinstance(obj, ModelConfig):
+        for name in _POSITIVE_MODEL:
+            if getattr(obj, name) < 1:
+                raise ConfigError(f"{where}{name}: expected an integer ≥ 1, got {getattr(obj, name)!r}")
+        for name in _COUNT_MODEL:
+            if getattr(obj, name) < 0:
+                raise ConfigError(f"{where}{name}: expected an integer ≥ 0, got {getattr(obj, name)!r}")
+        if obj.n_levels < 2:
+            raise ConfigError(f"{where}n_levels: expected at least 2 HER2 levels, got {obj.n_levels!r}")
+        if obj.encoder_input not in ENCODER_INPUTS:
+            raise ConfigError(f"{where}encoder_input: expected one of {', '.join(ENCODER_INPUTS)}, got {obj.encoder_input!r}")
+        if not obj.name:
+            raise ConfigError(f"{where}name: expected a model name, got {obj.name!r}")
+    elif isinstance(obj, DataConfig):
+        if obj.size < 1:
+            raise ConfigError(f"{where}size: expected an image size ≥ 1 px, got {obj.size!r}")
+        if not math.isfinite(obj.mpp) or obj.mpp <= 0:
+            raise ConfigError(f"{where}mpp: expected a positive number of µm per pixel, got {obj.mpp!r}")
 
 
 def _deep_merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
@@ -219,26 +258,48 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
-def _load_yaml(name_or_path: str) -> dict[str, Any]:
+def _find_yaml(name_or_path: str, base_dir: Path | None) -> tuple[str, str, Path | None]:
+    """``(text, source name, file)`` of a YAML path or preset; a relative path in ``extends`` is looked
+    up beside the file that names it first, then from the working directory."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        text = p.read_text()
-        src = str(p)
-    else:
-        f = resources.files("derestainer").joinpath("configs", f"{name_or_path}.yaml")
-        if not f.is_file():
-            raise ConfigError(f"no preset or YAML file {name_or_path!r}; presets: {', '.join(preset_names())}")
-        text = f.read_text()
-        src = f"preset {name_or_path}"
+    if p.suffix in (".yaml", ".yml"):
+        for cand in ([base_dir / p] if base_dir is not None and not p.is_absolute() else []) + [p]:
+            if cand.is_file():
+                try:
+                    return cand.read_text(), str(cand), cand.resolve()
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise ConfigError(f"{cand}: cannot read ({exc})") from None
+    f = resources.files("derestainer").joinpath("configs", f"{name_or_path}.yaml")
+    if not f.is_file():
+        where = f" (named by {base_dir})" if base_dir is not None else ""
+        raise ConfigError(f"{name_or_path}: no preset or YAML file of that name{where}; "
+                          f"presets: {', '.join(preset_names())}")
+    return f.read_text(), f"preset {name_or_path}", None
+
+
+def _load_yaml(name_or_path: str, base_dir: Path | None = None, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    text, src, file = _find_yaml(name_or_path, base_dir)
+    if src in chain:
+        raise ConfigError(f"{src}: 'extends' loops back to itself ({' → '.join((*chain, src))})")
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{src}: invalid YAML ({exc})") from exc
+        raise ConfigError(f"{src}: invalid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{src}: expected a mapping at the top level")
+    for key, val in data.items():
+        if key != "extends" and not isinstance(val, dict):
+            raise ConfigError(f"{src}: section {key!r} must be a mapping of keys to values, got {val!r}")
     parent = data.pop("extends", None)
     if parent:
-        data = _deep_merge(_load_yaml(str(parent)), data)
+        if not isinstance(parent, str):
+            raise ConfigError(f"{src}: 'extends' must name a preset or a YAML file, got {parent!r}")
+        data = _deep_merge(_load_yaml(parent, file.parent if file is not None else None, (*chain, src)), data)
+    if not chain and file is not None:  # the file the user gave: its own mistakes are reported naming it
+        try:
+            from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{src}: {exc}") from None
     return data
 
 

@@ -65,3 +65,12 @@ class BenchError(DerestainerError, ValueError):
 
 class DeviceError(DerestainerError, ValueError):
     """The device asked for is not available on this machine."""
+
+
+class OutputError(DerestainerError):
+    """An output cannot be written as asked: it would overwrite or sit among the inputs, its folder is
+    read-only or full, or another job is writing it."""
+
+
+class OutputLockedError(OutputError):
+    """Another running job holds the lock of this output (a run folder, an output folder, a slide)."""

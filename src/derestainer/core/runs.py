@@ -5,6 +5,7 @@ A training run folder holds::
     <run>/config.yaml, log.jsonl, ...
     <run>/checkpoints/step-0000100/{generator,discriminator,optim_g,optim_d}.safetensors, state.json
     <run>/latest            one line: the newest complete checkpoint, relative to <run>
+    <run>/best              one line: the checkpoint with the best validation metric, relative to <run>
     <run>/generator.safetensors    the final generator, once training finished
 
 Checkpoints are written into hidden ``.tmp-*`` folders and renamed into place (``training.state``).
@@ -20,6 +21,7 @@ from derestainer.core.errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"
 GENERATOR_FILE = "generator.safetensors"
 STATE_FILE = "state.json"
 STEP_PREFIX = "step-"
@@ -51,20 +53,50 @@ def clean_incomplete(run_dir: str | os.PathLike[str]) -> list[Path]:
     return stale
 
 
+def read_pointer(run_dir: str | os.PathLike[str], name: str = LATEST) -> Path | None:
+    """The folder a pointer file of a run (``latest``, ``best``) names, or None when there is no pointer.
+
+    A pointer holds one line, a path relative to the run folder. It must stay inside the run folder:
+    an absolute path or one that climbs out (``../…``) is refused, so that a run folder handed over
+    by someone else cannot send loading or pruning anywhere else. (Symbolic links inside the run
+    folder, e.g. ``checkpoints/`` on another disk, are the owner's choice and are followed.)
+
+    Raises:
+        CheckpointError: the pointer is unreadable, or names a place outside its run folder.
+    """
+    root = Path(run_dir)
+    pointer = root / name
+    if not pointer.is_file():
+        return None
+    try:
+        with open(pointer, "rb") as f:
+            raw = f.read(4097)
+        text = raw.decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{pointer}: unreadable pointer file ({exc})") from None
+    if len(raw) > 4096 or "\n" in text or "\0" in text:
+        raise CheckpointError(f"{pointer}: not a pointer file (expected one line, a folder inside {root})")
+    if not text:
+        return None
+    rel = Path(text)
+    inside = Path(os.path.normpath(root / rel))
+    if rel.is_absolute() or ".." in rel.parts or not inside.is_relative_to(Path(os.path.normpath(root))):
+        raise CheckpointError(f"{pointer}: points outside its run folder ({text!r}); expected a folder inside {root}")
+    return root / rel
+
+
 def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     """A checkpoint folder from a checkpoint folder, or a run folder (via its ``latest`` pointer).
 
     Raises:
-        CheckpointError: nothing to resume from.
+        CheckpointError: nothing to resume from, or a ``latest`` pointer that leads out of the run folder.
     """
     p = Path(path)
     if (p / STATE_FILE).is_file():
         return p
-    pointer = p / LATEST
-    if pointer.is_file():
-        target = p / pointer.read_text().strip()
-        if (target / STATE_FILE).is_file():
-            return target
+    target = read_pointer(p, LATEST)
+    if target is not None and (target / STATE_FILE).is_file():
+        return target
     found = list_checkpoints(p)  # pointer missing or stale (e.g. its folder was deleted by hand)
     if found:
         return found[-1]
@@ -80,7 +112,7 @@ def resolve_generator_file(path: str | os.PathLike[str]) -> Path:
     pointer names, else its newest checkpoint).
 
     Raises:
-        CheckpointError: nothing loadable there.
+        CheckpointError: nothing loadable there, or a ``latest`` pointer that leads out of the run folder.
     """
     p = Path(path)
     if p.is_file():
@@ -89,6 +121,7 @@ def resolve_generator_file(path: str | os.PathLike[str]) -> Path:
         raise CheckpointError(f"{p}: no such model file or checkpoint folder")
     if (p / GENERATOR_FILE).is_file():
         return p / GENERATOR_FILE
+    read_pointer(p, LATEST)  # a pointer leading out of the run folder is refused, with its own message
     try:
         ckpt = find_checkpoint(p)
     except CheckpointError:

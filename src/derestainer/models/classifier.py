@@ -9,8 +9,8 @@ Inputs are in model space (float ``[-1, 1]``, ``NCHW``), like every generator's 
 comparator can be applied to generated images directly; the ImageNet normalisation torchvision's
 ResNets expect is done inside :meth:`HER2Classifier.normalize`.
 
-Nothing is downloaded: ImageNet initial weights are read from a local file (safetensors, or a
-``.pth`` loaded with ``torch.load(weights_only=True)``, which refuses pickled code).
+Nothing is downloaded, and nothing is unpickled: ImageNet initial weights are read from a local
+safetensors file (a PyTorch ``.pth`` is converted once with ``scripts/convert_weights.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from derestainer.core.errors import CheckpointError
-from derestainer.core.fileformat import expect_kind, load_tensors, save_tensors, unwrap_model
+from derestainer.core.fileformat import (
+    check_finite,
+    check_fit,
+    expect_kind,
+    load_tensors,
+    read_header,
+    read_meta,
+    save_tensors,
+    unwrap_model,
+)
 from derestainer.core.ranges import signed_to_unit, uint8_to_signed
 
 #: An architecture of :class:`HER2Classifier`.
@@ -39,6 +48,10 @@ ARCHS: tuple[ClassifierArch, ...] = get_args(ClassifierArch)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 CLASSIFIER_FORMAT = 1
+#: Suffixes of pickle-based PyTorch weight files, refused with the one-off conversion to safetensors.
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".tar")
+CONVERT_HINT = ("convert it once to safetensors, in an environment you trust: "
+                "python scripts/convert_weights.py {path} {stem}.safetensors")
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
@@ -163,34 +176,23 @@ def freeze(model: ModuleT) -> ModuleT:
 
 
 def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a local safetensors weight file; a pickle-based ``.pth``/``.pt``/``.bin`` is never opened."""
+    hint = CONVERT_HINT.format(path=path, stem=path.with_suffix(""))
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file (ImageNet weights are never downloaded; give a local file)")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: PyTorch pickle files are not loaded (unpickling can run code); {hint}")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, ...) for bad files
-        raise CheckpointError(
-            f"{path}: cannot load as a plain state dict with torch.load(weights_only=True) ({exc}); "
-            "convert it to safetensors or to a plain tensor state dict"
-        ) from exc
-    # Common wrappers: {'state_dict': {...}} (Lightning), {'model': {...}} (timm/DeiT training checkpoints).
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors")
-    return obj
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); if it is a PyTorch file, {hint}") from None
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str]) -> dict[str, list[str]]:
     """Load ImageNet weights of a torchvision ResNet from a local file into ``backbone`` (fc excluded).
 
-    Accepted: safetensors, or a ``.pth``/``.pt``/``.bin`` state dict read with ``torch.load(weights_only=True)``;
-    keys as in torchvision/timm (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...), an optional
+    Accepted: safetensors only (a ``.pth``/``.pt``/``.bin`` file is refused unopened, with the command
+    that converts it once: ``scripts/convert_weights.py``); keys as in torchvision/timm (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...), an optional
     ``module.`` or ``backbone.`` prefix is stripped; ``fc.*`` is ignored (the HER2 head is new).
 
     Returns:
@@ -225,6 +227,11 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str]) -> 
             f"{p}: tensor shapes do not fit this ResNet (e.g. {bad[0]}: {tuple(clean[bad[0]].shape)} vs "
             f"{tuple(own[bad[0]].shape)}); is it another architecture?"
         )
+    # float16/bfloat16/float64 weights are cast; integers or booleans in place of floats are refused
+    wrong = [k for k, v in clean.items() if v.is_floating_point() != own[k].is_floating_point()]
+    if wrong:
+        raise CheckpointError(f"{p}: tensor {wrong[0]!r} is {clean[wrong[0]].dtype}, expected {own[wrong[0]].dtype}")
+    check_finite(p, clean)
     backbone.load_state_dict({k: v.to(own[k].dtype) for k, v in clean.items()}, strict=False)
     return {"loaded": sorted(clean), "ignored": sorted(ignored)}
 
@@ -278,26 +285,52 @@ def save_classifier(path: str | os.PathLike[str], model: nn.Module, meta: dict[s
     return save_tensors(path, module.state_dict(), full)
 
 
+def classifier_meta(meta: dict[str, Any], path: str | os.PathLike[str]) -> tuple[ClassifierArch, int]:
+    """``(arch, n_levels)`` of a classifier file's metadata, checked.
+
+    Raises:
+        CheckpointError: another kind of file (e.g. a generator), an architecture this version does
+            not know, ``n_levels`` not an integer ≥ 2, or a ``size`` that is not a positive integer.
+    """
+    expect_kind(meta, "classifier", path)
+    arch, n_levels, size = meta.get("arch"), meta.get("n_levels"), meta.get("size")
+    if arch not in ARCHS or isinstance(n_levels, bool) or not isinstance(n_levels, int) or n_levels < 2:
+        raise CheckpointError(
+            f"{path}: classifier metadata names arch={arch!r}, n_levels={n_levels!r}, which this version cannot build"
+        )
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise CheckpointError(f"{path}: classifier metadata size={size!r}, expected its input size in px (an integer ≥ 1)")
+    return arch, n_levels
+
+
+def read_classifier_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata of a classifier file (header only), checked with :func:`classifier_meta`."""
+    meta = read_meta(path)
+    classifier_meta(meta, path)
+    return meta
+
+
 def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[HER2Classifier, dict[str, Any]]:
     """Load a classifier written by :func:`save_classifier`: ``(model in eval mode, metadata)``.
+
+    The metadata and the stored tensors' names, shapes and dtypes are checked (against the model
+    built on the ``meta`` device, which takes no memory) before any weight is read.
 
     Raises:
         CheckpointError: missing or unreadable file, another kind of checkpoint (e.g. a generator),
             an unknown architecture, or weights that do not fit it.
     """
-    tensors, meta = load_tensors(path, device="cpu")
-    expect_kind(meta, "classifier", path)
-    arch, n_levels = meta.get("arch"), meta.get("n_levels")
-    if arch not in ARCHS or not isinstance(n_levels, int):
-        raise CheckpointError(
-            f"{path}: classifier metadata names arch={arch!r}, n_levels={n_levels!r}, which this version cannot build"
-        )
+    meta = read_meta(path)
+    arch, n_levels = classifier_meta(meta, path)
+    header = read_header(path)
+    with torch.device("meta"):
+        skeleton = HER2Classifier(arch=arch, n_levels=n_levels)
+    check_fit(path, header, skeleton.state_dict(), f"classifier {arch!r}")
+    del skeleton
+    tensors, _ = load_tensors(path, device="cpu")
+    check_finite(path, tensors)
     model = HER2Classifier(arch=arch, n_levels=n_levels)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not fit classifier {arch!r} (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
+    model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), meta
 
 
@@ -317,6 +350,9 @@ def independence_warnings(comparator_meta: dict[str, Any], evaluator_meta: dict[
 
     The evaluator should differ in seed and, where data allows, in training images (``--subset even|odd``).
     """
+    for role, meta in (("comparator", comparator_meta), ("evaluator", evaluator_meta)):
+        if meta.get("kind", "classifier") != "classifier":
+            raise CheckpointError(f"the {role}: this is a {meta.get('kind')} checkpoint, expected a classifier checkpoint")
     out: list[str] = []
     if comparator_meta.get("seed") is not None and comparator_meta.get("seed") == evaluator_meta.get("seed"):
         out.append(f"comparator and evaluator were trained with the same seed ({evaluator_meta.get('seed')})")

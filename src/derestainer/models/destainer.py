@@ -13,11 +13,47 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from derestainer.core.config import ENCODER_INPUTS
+from derestainer.core.errors import ConfigError
 from derestainer.core.ranges import signed_to_unit, unit_to_signed
 from derestainer.layers.blocks import ConvNormAct, DownBlock
 from derestainer.stain import RGB_FROM_HED, stain_channel, stain_matrix_from_vectors
 
-ENCODER_INPUTS = ("h", "rgb", "h+rgb")
+#: Maximum condition number of a stain matrix: beyond it its inverse turns rounding noise into stain.
+MAX_STAIN_CONDITION = 1e6
+
+
+def _read_matrix_file(path: Path) -> object:
+    """The raw content of a ``.npy`` or ``.json`` stain-matrix file (validated by the caller)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False, mmap_mode="r")  # the header first: no huge read
+        except (ValueError, OSError, EOFError) as exc:
+            raise ConfigError(f"{path}: stain matrix file is not a plain .npy array ({exc})") from None
+        if not isinstance(arr, np.ndarray):  # an .npz archive under a .npy name
+            arr.close()
+            raise ConfigError(f"{path}: stain matrix file is an .npz archive, expected a plain .npy array")
+        if arr.shape != (3, 3) or arr.dtype.kind not in "iuf":
+            raise ConfigError(f"{path}: stain matrix file holds a {arr.dtype} array of shape {arr.shape}, expected 3x3 numbers")
+        return np.array(arr, dtype=np.float64)
+    if suffix != ".json":
+        raise ConfigError(f"{path}: stain matrix file has the unsupported extension {path.suffix!r}; use .json or .npy")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError, RecursionError) as exc:
+        raise ConfigError(f"{path}: stain matrix file is not valid JSON ({str(exc)[:200]})") from None
+    if isinstance(data, dict) and "rgb_from_hed" in data:
+        data = data["rgb_from_hed"]
+    if isinstance(data, dict):
+        unknown = set(data) - {"h", "e", "dab"}
+        if unknown:
+            raise ConfigError(f"{path}: stain matrix file has unknown keys {sorted(unknown)}; expected rgb_from_hed or h, e, dab")
+        try:
+            data = stain_matrix_from_vectors(data.get("h"), data.get("e"), data.get("dab"))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: stain matrix file: {exc}") from None
+    return data
 
 
 def load_stain_matrix(spec: str | Path | np.ndarray | None) -> np.ndarray:
@@ -25,53 +61,33 @@ def load_stain_matrix(spec: str | Path | np.ndarray | None) -> np.ndarray:
 
     Args:
         spec: ``None``/``'ruifrok'`` (scikit-image's Ruifrok matrix), an array, or a path to
-            ``.npy`` (a 3×3 array) or ``.json`` (``[[…],[…],[…]]``, ``{"rgb_from_hed": [[…]…]}`` or
+            ``.npy`` (a 3×3 array, never a pickle) or ``.json`` (``[[…],[…],[…]]``, ``{"rgb_from_hed": [[…]…]}`` or
             ``{"h": [r,g,b], "e": […], "dab": […]}``; one vector may be left out and is completed).
     Returns:
-        ``[3, 3]`` float64, invertible.
+        ``[3, 3]`` float64, finite and well conditioned (hence invertible).
     Raises:
-        FileNotFoundError / ValueError: naming the file and what is wrong with it.
+        ConfigError: a missing or unreadable file, not a finite 3×3 matrix, or a singular one; the
+            message starts with the file's path.
     """
     if spec is None or (isinstance(spec, str) and spec.lower() == "ruifrok"):
         return RGB_FROM_HED.copy()
     if isinstance(spec, np.ndarray):
-        m, where = np.asarray(spec, dtype=np.float64), "stain matrix"
+        data: object = spec
+        where = "stain matrix"
     else:
         path = Path(spec)
-        where = f"stain matrix file {path}"
+        where = f"{path}: stain matrix file"
         if not path.is_file():
-            raise FileNotFoundError(f"{where} does not exist; give 'ruifrok' or a .json/.npy file with a 3x3 rgb_from_hed")
-        if path.suffix.lower() == ".npy":
-            try:
-                m = np.load(path, allow_pickle=False)
-            except (ValueError, OSError) as exc:
-                raise ValueError(f"{where}: cannot read it as a .npy array ({exc})") from exc
-        elif path.suffix.lower() == ".json":
-            try:
-                data = json.loads(path.read_text())
-            except (ValueError, OSError) as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc})") from exc
-            if isinstance(data, dict) and "rgb_from_hed" in data:
-                data = data["rgb_from_hed"]
-            if isinstance(data, dict):
-                unknown = set(data) - {"h", "e", "dab"}
-                if unknown:
-                    raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected rgb_from_hed or h, e, dab")
-                try:
-                    data = stain_matrix_from_vectors(data.get("h"), data.get("e"), data.get("dab"))
-                except ValueError as exc:
-                    raise ValueError(f"{where}: {exc}") from exc
-            try:
-                m = np.asarray(data, dtype=np.float64)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{where}: expected a 3x3 list of numbers ({exc})") from exc
-        else:
-            raise ValueError(f"{where}: unsupported extension {path.suffix!r}; use .json or .npy")
-    m = np.asarray(m, dtype=np.float64)
+            raise ConfigError(f"{path}: stain matrix file does not exist; give 'ruifrok' or a .json/.npy file with a 3x3 rgb_from_hed")
+        data = _read_matrix_file(path)
+    try:
+        m = np.asarray(data, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: expected a 3x3 list of numbers ({exc})") from None
     if m.shape != (3, 3) or not np.all(np.isfinite(m)):
-        raise ValueError(f"{where}: expected a finite 3x3 rgb_from_hed matrix, got shape {m.shape}")
-    if abs(np.linalg.det(m)) < 1e-8:
-        raise ValueError(f"{where}: the matrix is singular (stain vectors linearly dependent)")
+        raise ConfigError(f"{where}: expected a finite 3x3 rgb_from_hed matrix, got shape {m.shape}")
+    if abs(np.linalg.det(m)) < 1e-8 or not np.linalg.cond(m) < MAX_STAIN_CONDITION:
+        raise ConfigError(f"{where}: the matrix is singular (stain vectors linearly dependent)")
     return m
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from derestainer.core.errors import ConfigError
+
 _GENERATORS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -33,9 +35,13 @@ def list_generators() -> list[str]:
 
 
 def create_generator(model_cfg: Any) -> nn.Module:
-    """Build the generator named ``model_cfg.name`` from a :class:`~derestainer.core.config.ModelConfig`."""
+    """Build the generator named ``model_cfg.name`` from a :class:`~derestainer.core.config.ModelConfig`.
+
+    Raises:
+        ConfigError: no generator is registered under that name.
+    """
     try:
         fn = _GENERATORS[model_cfg.name]
     except KeyError:
-        raise KeyError(f"unknown model {model_cfg.name!r}; available: {', '.join(sorted(_GENERATORS))}") from None
+        raise ConfigError(f"model.name: unknown model {model_cfg.name!r}; available: {', '.join(sorted(_GENERATORS))}") from None
     return fn(model_cfg)

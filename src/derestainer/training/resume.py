@@ -11,10 +11,10 @@ import torch.distributed as dist
 
 from derestainer.core.errors import CheckpointError, TrainingError
 from derestainer.core.io import write_text
-from derestainer.core.runs import checkpoint_dir, find_checkpoint, list_checkpoints
+from derestainer.core.runs import BEST, CHECKPOINTS, checkpoint_dir, find_checkpoint, list_checkpoints, read_pointer
 from derestainer.training.distributed import DistEnv, barrier
 from derestainer.training.plaindata import rng_state, set_rng_state
-from derestainer.training.state import check_compatible, load_checkpoint, prune_checkpoints, save_checkpoint
+from derestainer.training.state import check_compatible, load_checkpoint, prune_checkpoints, read_state, save_checkpoint
 
 if TYPE_CHECKING:
     from derestainer.training.loop import Trainer
@@ -29,16 +29,25 @@ Resume: TypeAlias = ResumeMode | Path
 
 
 def resume_target(run_dir: Path, resume: Resume, env: DistEnv) -> Path | None:
-    """The checkpoint folder a run with ``resume`` starts from (None: a new run)."""
+    """The checkpoint folder a run with ``resume`` starts from (None: a new run).
+
+    Its ``state.json`` is read and checked here, before any model is built: a malformed state is a
+    :class:`CheckpointError` before any training work.
+    """
     if isinstance(resume, Path):
-        return find_checkpoint(resume)
+        ckpt = find_checkpoint(resume)
+        read_state(ckpt)
+        return ckpt
     if resume == "latest":
+        read_pointer(run_dir)  # a pointer leading out of the run folder is an error, not "no checkpoint yet"
         try:
-            return find_checkpoint(run_dir)
+            ckpt = find_checkpoint(run_dir)
         except CheckpointError:
             if env.is_main:
                 log.info("%s: no checkpoint yet, starting a new run", run_dir)
             return None
+        read_state(ckpt)
+        return ckpt
     if resume != "new":
         raise ValueError(f"resume must be 'new', 'latest' or a Path, got {resume!r}")
     existing = list_checkpoints(run_dir)
@@ -64,7 +73,7 @@ def load_into(tr: Trainer, ckpt: Path) -> None:
     if isinstance(rng, list):  # one state per rank (older, single-process checkpoints: one dict)
         rng = rng[env.rank] if env.rank < len(rng) else (rng[0] if rng else {})
     if rng:
-        set_rng_state(rng)
+        set_rng_state(rng, f"{ckpt}/state.json: rng")
     if st.world_size != env.world_size:
         tr.resharded = (st.world_size, st.epoch, st.batch_in_epoch)
         if st.batch_in_epoch > 0:
@@ -119,7 +128,7 @@ def write_checkpoint(tr: Trainer) -> None:
             best = checkpoint_dir(tr.run_dir, st.best_step)
             keep.add(best.name)
             if best.is_dir():
-                write_text(tr.run_dir / "best", f"checkpoints/{best.name}\n")
+                write_text(tr.run_dir / BEST, f"{CHECKPOINTS}/{best.name}\n")
         prune_checkpoints(tr.run_dir, tc.keep_last, keep)
         tr.run_log.write({"kind": "event", "step": st.step, "event": "checkpoint", "path": str(path)})
     barrier(tr.env)

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,11 @@ import torch
 
 from derestainer.core.config import from_dict, to_dict
 from derestainer.core.errors import CheckpointError, ConfigError
-from derestainer.core.fileformat import expect_kind, load_tensors, read_meta, save_tensors
+from derestainer.core.fileformat import check_fit, expect_kind, load_tensors, read_header, read_meta, save_tensors
 from derestainer.core.io import jsonable, write_json, write_text
-from derestainer.core.runs import CHECKPOINTS, LATEST, TMP_PREFIX, checkpoint_dir, list_checkpoints
+from derestainer.core.runs import CHECKPOINTS, LATEST, STATE_FILE, TMP_PREFIX, checkpoint_dir, list_checkpoints, read_pointer
 from derestainer.models.files import save_generator
-from derestainer.training.plaindata import load_optimizer, save_optimizer
+from derestainer.training.plaindata import check_rng_state, load_optimizer, save_optimizer
 
 STATE_FORMAT = 1
 
@@ -98,6 +98,19 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _new_tmp_dir(parent: Path, prefix: str) -> Path:
+    """A new hidden folder ``<parent>/<prefix><random>``, created like any other folder (the umask
+    applies, unlike ``tempfile.mkdtemp``'s mode 0700, so the checkpoint gets the run's permissions)."""
+    for _ in range(100):
+        tmp = parent / f"{prefix}{os.urandom(6).hex()}"
+        try:
+            os.mkdir(tmp, 0o777)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{parent}: no free temporary folder name")
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike[str],
     *,
@@ -117,7 +130,7 @@ def save_checkpoint(
     old: Path | None = None
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=parent))
+    tmp = _new_tmp_dir(parent, f"{TMP_PREFIX}{final.name}-")
     try:
         extra = {"step": state.step, "epoch": state.epoch}
         save_generator(tmp / "generator.safetensors", generator, cfg, extra=extra)
@@ -152,15 +165,53 @@ def save_checkpoint(
 
 
 
-def read_state(ckpt: str | os.PathLike[str]) -> tuple[TrainState, dict[str, Any]]:
-    """``(TrainState, config as plain data)`` of a checkpoint folder."""
-    p = Path(ckpt) / "state.json"
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{p}: unreadable training state ({exc})") from exc
+#: Fields of ``state.json`` that are counts (integers ≥ 0; ``world_size`` ≥ 1).
+_STATE_COUNTS = ("step", "epoch", "batch_in_epoch", "world_size", "bad_streak", "skipped_steps")
+
+
+def _is_count(x: Any, lo: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
+def check_state(data: Any, p: Path) -> None:
+    """Raise ``CheckpointError("<p>: …")`` unless ``data`` (a parsed ``state.json``) is a training state
+    that resuming can use: counts, best value/step, history, RNG states (:func:`check_rng_state`), config."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{p}: the training state is a JSON {type(data).__name__}, expected an object")
     if data.get("kind") != "train_state" or "config" not in data:
         raise CheckpointError(f"{p}: not a derestainer training state")
+    cfg = data["config"]
+    if not isinstance(cfg, dict) or not all(isinstance(v, dict) for v in cfg.values()):
+        raise CheckpointError(f"{p}: its config is not an object of sections")
+    for name in _STATE_COUNTS:
+        if name in data and not _is_count(data[name], 1 if name == "world_size" else 0):
+            raise CheckpointError(f"{p}: {name}={data[name]!r}, expected an integer ≥ {1 if name == 'world_size' else 0}")
+    best = data.get("best_value")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float)) or math.isnan(best)):
+        raise CheckpointError(f"{p}: best_value={best!r}, expected a number or null")
+    if data.get("best_step") is not None and not _is_count(data["best_step"]):
+        raise CheckpointError(f"{p}: best_step={data['best_step']!r}, expected an integer ≥ 0 or null")
+    history = data.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise CheckpointError(f"{p}: history is not a list of objects")
+    rng = data.get("rng", {})
+    for i, r in enumerate(rng if isinstance(rng, list) else [rng]):
+        if r != {}:  # {}: no RNG state saved
+            check_rng_state(r, f"{p}: rng" + (f"[{i}]" if isinstance(rng, list) else ""))
+
+
+def read_state(ckpt: str | os.PathLike[str]) -> tuple[TrainState, dict[str, Any]]:
+    """``(TrainState, config as plain data)`` of a checkpoint folder, every field checked (:func:`check_state`).
+
+    Raises:
+        CheckpointError: ``state.json`` is missing, not JSON, or not a usable training state.
+    """
+    p = Path(ckpt) / STATE_FILE
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{p}: unreadable training state ({str(exc)[:200]})") from None
+    check_state(data, p)
     return TrainState.from_dict(data), data["config"]
 
 
@@ -222,16 +273,14 @@ def load_checkpoint(
 
 
 def _load_module(path: Path, module: torch.nn.Module, kind: str) -> None:
-    tensors, meta = load_tensors(path, device="cpu")
+    meta = read_meta(path)
     expect_kind(meta, kind, path)
+    check_fit(path, read_header(path), module.state_dict(), f"this {kind}")  # names, shapes, dtypes
+    tensors, _ = load_tensors(path, device="cpu")
     try:
-        missing, unexpected = module.load_state_dict(tensors, strict=False)
-    except RuntimeError as exc:  # shape mismatch
-        raise CheckpointError(f"{path}: {kind} weights do not fit this model ({exc})") from exc
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: {kind} weights do not fit this model (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:  # (checked above; kept as a last guard)
+        raise CheckpointError(f"{path}: {kind} weights do not fit this model ({str(exc).splitlines()[0]})") from None
 
 
 def verify_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
@@ -261,9 +310,10 @@ def prune_checkpoints(run_dir: str | os.PathLike[str], keep_last: int, keep: set
     """
     ckpts = list_checkpoints(run_dir)
     spare = set(keep or ())
-    pointer = Path(run_dir) / LATEST
-    if pointer.is_file():
-        spare.add(Path(pointer.read_text().strip()).name)
+    with contextlib.suppress(CheckpointError):  # an unreadable or outside pointer spares nothing
+        target = read_pointer(run_dir, LATEST)
+        if target is not None:
+            spare.add(target.name)
     newest = {p.name for p in ckpts[-keep_last:]} if keep_last > 0 else set()
     gone = [p for p in ckpts if p.name not in newest and p.name not in spare]
     for p in gone:
