@@ -21,6 +21,16 @@ from derestainer.core.levels import level_from_name
 # Configs
 
 
+
+def _classifier_file(path: Path, seed: int) -> Path:
+    """A real (tiny, untrained) classifier file: given checkpoints are checked before the benchmark runs."""
+    import torch
+
+    from derestainer.models.classifier import HER2Classifier, save_classifier
+
+    torch.manual_seed(seed)
+    return save_classifier(path, HER2Classifier("tiny"), {"size": 32, "seed": seed})
+
 def test_preset_delta_is_the_difference_from_paper() -> None:
     assert bm.preset_delta("derestainer") == {}
     assert bm.preset_delta("no_dab") == {"loss": {"dab": 0.0}}
@@ -306,8 +316,7 @@ def test_seeds_give_mean_and_std(synth: Path, tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(stages, "train_generator", fake_train)
     monkeypatch.setattr(stages, "translate_split", fake_translate)
     monkeypatch.setattr(stages, "evaluate_predictions", fake_eval)
-    ev = tmp_path / "ev.safetensors"
-    ev.write_bytes(b"stand-in")  # only its digest is read when the evaluate stage is stubbed
+    ev = _classifier_file(tmp_path / "ev.safetensors", seed=1)  # only read when the evaluate stage is stubbed
     res = bm.run_benchmark(_spec(synth, tmp_path / "o", models=("pyramidpix2pix",), seeds=(0, 1, 2), evaluator=ev),
                            log=lambda m: None)
     s = res["summary"]["pyramidpix2pix"]["ssim"]
@@ -346,9 +355,8 @@ def test_evaluation_gets_the_comparator_for_independence_checks(
     real_evaluate = stages.evaluate_predictions
     evals: list[dict] = []
     _stub_stages(monkeypatch, evals)
-    ev, cmp = tmp_path / "ev.safetensors", tmp_path / "cmp.safetensors"
-    ev.write_bytes(b"evaluator stand-in")
-    cmp.write_bytes(b"comparator stand-in")
+    ev = _classifier_file(tmp_path / "ev.safetensors", seed=1)
+    cmp = _classifier_file(tmp_path / "cmp.safetensors", seed=2)
     bm.run_benchmark(_spec(synth, tmp_path / "o", evaluator=ev, comparator=cmp), log=lambda m: None)
     by_model = {e["model"]: e for e in evals}
     assert by_model["derestainer"]["comparator"] == cmp  # trained against it: checked for independence
@@ -368,9 +376,8 @@ def test_evaluation_gets_the_comparator_for_independence_checks(
 
 def test_same_evaluator_and_comparator_is_refused(synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _forbid(monkeypatch, "train_generator", "translate_split", "evaluate_predictions", "train_classifier")
-    ev, cmp = tmp_path / "ev.safetensors", tmp_path / "copy_of_ev.safetensors"
-    ev.write_bytes(b"one classifier")
-    cmp.write_bytes(b"one classifier")  # another file, same bytes
+    ev, cmp = _classifier_file(tmp_path / "ev.safetensors", seed=1), tmp_path / "copy_of_ev.safetensors"
+    cmp.write_bytes(ev.read_bytes())  # another file, same bytes
     with pytest.raises(bm.BenchmarkError, match="same classifier") as err:
         bm.run_benchmark(_spec(synth, tmp_path / "o", evaluator=ev, comparator=cmp), log=lambda m: None)
     msg = str(err.value)

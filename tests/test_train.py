@@ -239,16 +239,16 @@ def test_resume_across_world_sizes_and_older_configs(data: Path, tmp_path: Path)
 
     def resume_with(**changes: object) -> Trainer:
         state_file.write_text(json.dumps({**orig, **changes}))
-        return Trainer(cfg, resume="latest")
+        tr = Trainer(cfg, resume="latest")
+        tr.close()  # releases the run folder for the next trainer
+        return tr
 
     # written by 2 ranks at the start of an epoch: nothing to skip, the epoch is kept
     tr = resume_with(world_size=2, epoch=1, batch_in_epoch=0)
     assert (tr.state.epoch, tr.state.batch_in_epoch, tr.state.world_size) == (1, 0, 1)
     # inside an epoch: the rest of it is skipped, and the warning says how much
-    tr.logger.close()
     tr = resume_with(world_size=2, epoch=1, batch_in_epoch=1)
     assert (tr.state.epoch, tr.state.batch_in_epoch) == (2, 0)
-    tr.logger.close()
     msgs = [r.get("message", "") for r in read_jsonl(tmp_path / "run" / "log.jsonl") if r["kind"] == "event"]
     assert any("no batch is skipped" in m for m in msgs)
     # 6 pairs on 2 ranks, batch 2: one micro-batch per rank and epoch, already consumed

@@ -276,8 +276,11 @@ def test_translate_cli_errors(tmp_path: Path, model_file: Path) -> None:
     bad.write_bytes(b"not a png")
     res = CliRunner().invoke(main, ["translate", "-m", str(model_file), str(bad), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and "bad.png" in res.output and "Traceback" not in res.output
-    res = CliRunner().invoke(main, ["translate", "-m", str(tmp_path / "nope"), str(bad), "--out", str(tmp_path / "o")])
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(good)
+    res = CliRunner().invoke(main, ["translate", "-m", str(tmp_path / "nope"), str(good), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and "no such model" in res.output
+    assert not (tmp_path / "o").exists()  # every input is checked before anything is written
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 
 from derestainer.benchmark import BenchmarkSpec, run_benchmark
 from derestainer.core.errors import DatasetError
+from derestainer.core.guard import output_lock
 from derestainer.core.io import read_image, write_json
 from derestainer.core.levels import HER2_LEVELS, parse_bci_level
 from derestainer.data.synth import SynthParams, generate_dataset
@@ -82,6 +83,11 @@ def run_demo(spec: DemoSpec, log: Callable[[str], None] = print) -> dict[str, An
     Raises:
         DatasetError: ``spec.out`` holds a SynthBCI dataset made with other settings.
     """
+    with output_lock(spec.out, folder=True):  # two demos into one folder would mix their steps
+        return _run_demo(spec, log)
+
+
+def _run_demo(spec: DemoSpec, log: Callable[[str], None]) -> dict[str, Any]:
     out = Path(spec.out)
     data = out / "synthbci"
     _dataset(spec, data, log)

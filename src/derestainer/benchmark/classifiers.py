@@ -14,8 +14,9 @@ from typing import Any
 from derestainer.benchmark import stages
 from derestainer.benchmark.records import file_digest
 from derestainer.benchmark.spec import BenchmarkSpec, model_config
-from derestainer.core.errors import BenchmarkError
+from derestainer.core.errors import BenchmarkError, CheckpointError
 from derestainer.core.io import jsonable, write_json
+from derestainer.models.classifier import read_classifier_meta
 
 #: How classifiers trained by the benchmark differ: seeds and disjoint halves of the training images.
 CLASSIFIER_PLAN: dict[str, dict[str, Any]] = {
@@ -37,6 +38,10 @@ def ensure_classifiers(
             p = Path(given)
             if not p.is_file():
                 raise BenchmarkError(f"--{role} {p}: no such file")
+            try:  # checked before anything is trained: a generator given here is refused at once
+                read_classifier_meta(p)
+            except CheckpointError as exc:
+                raise BenchmarkError(f"--{role} {exc}") from None
             out[role] = {"path": str(p), "trained_by_benchmark": False, "digest": file_digest(p)}
         else:
             out[role] = _trained_here(spec, role, data_id, log)

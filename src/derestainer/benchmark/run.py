@@ -38,6 +38,7 @@ from derestainer.benchmark.stats import summarize
 from derestainer.benchmark.tables import format_report
 from derestainer.core.config import Config, to_dict
 from derestainer.core.errors import BenchmarkError
+from derestainer.core.guard import output_lock, refuse_overlap, unfinished_until_done
 from derestainer.core.io import jsonable, write_json, write_text
 from derestainer.models.registry import list_generators
 
@@ -170,7 +171,14 @@ def run_benchmark(spec: BenchmarkSpec, log: Log = print) -> dict[str, Any]:
     cfgs = {m: model_config(m, spec.base_config, spec.overrides) for m in spec.models}
     for m, c in cfgs.items():
         _check_model(m, c)
-    spec.out.mkdir(parents=True, exist_ok=True)
+    # the dataset must not hold the output (its images would be listed with the runs'); a --comparator
+    # or --evaluator may be one an earlier benchmark trained into OUT/classifiers (given ones are only read)
+    refuse_overlap([spec.data], out_dirs=[spec.out])
+    with output_lock(spec.out, folder=True):  # one benchmark per folder: two would interleave their runs
+        return _run_all(spec, dirs, cfgs, log)
+
+
+def _run_all(spec: BenchmarkSpec, dirs: Any, cfgs: dict[str, Config], log: Log) -> dict[str, Any]:
     data_id = data_digest(dirs)
     classifiers = ensure_classifiers(spec, any(needs_comparator(c) for c in cfgs.values()), data_id, log)
 
@@ -183,12 +191,13 @@ def run_benchmark(spec: BenchmarkSpec, log: Log = print) -> dict[str, Any]:
         "runs": [{k: v for k, v in r.items() if k != "skipped"} for r in runs],
         "summary": summary,
     }
-    write_json(spec.out / "results.json", results)
-    fig = None
-    try:
-        fig = make_figure(spec, dirs, spec.out / "figure.png")
-    except (OSError, ValueError) as exc:  # a figure must not cost the numbers
-        log(f"figure not written: {exc}")
-    write_text(spec.out / "table.md", format_report(summary, spec, classifiers, figure=fig, runs=runs))
+    with unfinished_until_done(spec.out / "results.json"):  # results.json last: the record of a whole table
+        fig = None
+        try:
+            fig = make_figure(spec, dirs, spec.out / "figure.png")
+        except (OSError, ValueError) as exc:  # a figure must not cost the numbers
+            log(f"figure not written: {exc}")
+        write_text(spec.out / "table.md", format_report(summary, spec, classifiers, figure=fig, runs=runs))
+        write_json(spec.out / "results.json", results)
     log(f"wrote {spec.out / 'results.json'}, {spec.out / 'table.md'}" + (f", {fig}" if fig else ""))
     return results

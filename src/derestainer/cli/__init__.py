@@ -18,7 +18,8 @@ class _Group(click.Group):
     """The one place where a user-facing error becomes a message: ``Error: <message>``, no traceback.
 
     Any :class:`~derestainer.core.errors.DerestainerError` raised by a sub-command is printed as one
-    line and exits with its ``exit_code``; anything else (a bug) keeps its traceback.
+    line and exits with its ``exit_code``, and so is an ``OSError`` that means a read-only folder or a
+    full disk (:data:`~derestainer.core.io.WRITE_ERRNOS`); anything else (a bug) keeps its traceback.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -28,6 +29,15 @@ class _Group(click.Group):
             err = click.ClickException(str(exc))
             err.exit_code = exc.exit_code
             raise err from None
+        except OSError as exc:
+            from derestainer.core.io import WRITE_ERRNOS  # here: `derestainer --help` imports no NumPy
+
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            # a read-only folder, a full disk or quota, met after the up-front checks: the environment's
+            # to fix, reported naming the file (atomic writes left no partial file at a final name)
+            where = exc.filename if exc.filename is not None else "output"
+            raise click.ClickException(f"{where}: {exc.strerror or exc}") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

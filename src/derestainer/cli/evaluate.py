@@ -50,6 +50,7 @@ def evaluate(pred_dir: Path, gt_dir: Path, classifier: Path | None, out_dir: Pat
     HER2 accuracy against a library of ground-truth features, the evaluator's direct accuracy and
     FID/KID on its features. Every definition: docs/evaluation.md.
     """
+    from derestainer.core.guard import output_lock, refuse_overlap
     from derestainer.evaluation import EvaluateOptions, run_evaluation, summary_table, write_report
 
     if classifier is not None and not classifier.is_file():
@@ -60,9 +61,12 @@ def evaluate(pred_dir: Path, gt_dir: Path, classifier: Path | None, out_dir: Pat
         batch_size=batch_size, classifier_size=classifier_size, progress=not quiet,
         log=lambda m: click.echo(m, err=True),
     )
-    result = run_evaluation(pred_dir, gt_dir, opts)
     name = method or pred_dir.resolve().name
     out = out_dir if out_dir is not None else pred_dir.resolve().parent / f"eval_{pred_dir.resolve().name}"
-    written = write_report(result, out, method=name, figures=not no_figures)
+    inputs = [p for p in (pred_dir, gt_dir, classifier, comparator, labels_csv) if p is not None]
+    refuse_overlap(inputs, out_dirs=[out])
+    with output_lock(out, folder=True):  # taken first: a read-only --out fails before the long pass
+        result = run_evaluation(pred_dir, gt_dir, opts)
+        written = write_report(result, out, method=name, figures=not no_figures)
     click.echo(summary_table(result.metrics, name), nl=False)
     click.echo(f"wrote {', '.join(str(p) for p in written)}")

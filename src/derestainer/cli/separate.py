@@ -18,13 +18,17 @@ from derestainer.cli.common import fail
               show_default=True, help="Ruifrok's fixed vectors, or per-image Macenko estimation.")
 def separate(images: tuple[Path, ...], out_dir: Path, second: str, matrix: str) -> None:
     """Write H, E and DAB channel images and an original|H|E-or-DAB panel (paper Fig. 1b) per image."""
-    from derestainer.core.io import read_image
+    from derestainer.core.guard import output_lock, refuse_overlap
+    from derestainer.core.io import check_images, read_image
     from derestainer.stain.panels import separate_image
 
-    for path in images:
-        rgb = read_image(path)  # an unreadable image is an ImageReadError: one line, via the CLI group
-        try:
-            written = separate_image(rgb, out_dir, path.stem, second=second, matrix=matrix)
-        except ValueError as exc:
-            raise fail(f"{path}: {exc}") from None
-        click.echo(f"{path}: {', '.join(str(w) for w in written)}")
+    refuse_overlap(images, out_dirs=[out_dir])
+    check_images(images)  # every input checked before the first output is written
+    with output_lock(out_dir, folder=True):
+        for path in images:
+            rgb = read_image(path)  # an unreadable image is an ImageReadError: one line, via the CLI group
+            try:
+                written = separate_image(rgb, out_dir, path.stem, second=second, matrix=matrix)
+            except ValueError as exc:
+                raise fail(f"{path}: {exc}") from None
+            click.echo(f"{path}: {', '.join(str(w) for w in written)}")

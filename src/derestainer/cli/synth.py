@@ -31,24 +31,26 @@ def synth(out_dir: Path, n_train: int, n_test: int, size: int, seed: int, worker
     Files are named like BCI's, NNNNN_{split}_{level}.png, with the same name under HE/ and IHC/.
     The IHC is an adjacent section: slightly displaced and deformed relative to the H&E.
     """
+    from derestainer.core.guard import output_lock
     from derestainer.data.synth import generate_dataset, stale_files
 
     if n_train + n_test == 0:
         raise fail("nothing to generate: give --train and/or --test greater than 0")
     if out_dir.exists() and not out_dir.is_dir():
         raise fail(f"{out_dir}: exists and is not a folder")
-    stale = stale_files(out_dir, n_train, n_test, seed)
-    if stale and not overwrite:
-        raise fail(
-            f"{out_dir} already holds {len(stale)} image(s) that this dataset would not replace "
-            f"(e.g. {stale[0]}); choose an empty folder or pass --overwrite to delete them"
-        )
-    for f in stale:
-        f.unlink()
-    try:
-        summary = generate_dataset(out_dir, n_train, n_test, size=size, seed=seed, workers=workers)
-    except OSError as exc:
-        raise fail(f"cannot write the dataset to {out_dir}: {exc}") from None
+    with output_lock(out_dir, folder=True):  # two generators into one folder would mix datasets
+        stale = stale_files(out_dir, n_train, n_test, seed)
+        if stale and not overwrite:
+            raise fail(
+                f"{out_dir} already holds {len(stale)} image(s) that this dataset would not replace "
+                f"(e.g. {stale[0]}); choose an empty folder or pass --overwrite to delete them"
+            )
+        for f in stale:
+            f.unlink()
+        try:
+            summary = generate_dataset(out_dir, n_train, n_test, size=size, seed=seed, workers=workers)
+        except OSError as exc:
+            raise fail(f"cannot write the dataset to {out_dir}: {exc}") from None
     counts = "; ".join(
         f"{split} " + " ".join(f"{lvl}:{n}" for lvl, n in c.items())
         for split, c in summary["counts"].items() if sum(c.values())

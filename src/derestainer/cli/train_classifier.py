@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
@@ -58,7 +59,7 @@ Layout = Literal["bci", "mist", "folders"]
 @click.option("--workers", type=int, default=None, help="Image decoding processes (default: up to 4).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--pretrained", type=click.Path(path_type=Path), default=None,
-              help="LOCAL ImageNet weights of the ResNet (.safetensors or plain .pth state dict); never downloaded.")
+              help="LOCAL ImageNet weights of the ResNet, a .safetensors file (convert a .pth once with scripts/convert_weights.py); never downloaded.")
 def train_classifier(
     data_root: Path, layout: Layout, he_dir: str, ihc_dir: str, levels_csv: Path | None, out: Path, arch: ClassifierArch,
     size: int, steps: int | None, epochs: float | None, batch_size: int, lr: float, weight_decay: float,
@@ -71,9 +72,8 @@ def train_classifier(
     The comparator C of L_cmp and the evaluator of the semantic metrics are two runs of this command,
     kept independent: another --seed and, where data allows, --subset even / --subset odd.
     """
+    from derestainer.core.guard import output_lock, refuse_overlap
     from derestainer.data.datasets import BCIDataset, MISTDataset, PairedFolderDataset
-    from derestainer.training.classifier import fit_classifier
-    from derestainer.training.classifier_metrics import format_confusion
 
     if steps is not None and epochs is not None:
         raise fail("give --steps or --epochs, not both")
@@ -96,22 +96,37 @@ def train_classifier(
         # Without {split} the "validation split" would be the training images themselves.
         click.echo("--he-dir/--ihc-dir have no {split}: validating on a held-out fraction of the images", err=True)
         held_out = True
+    report = out.with_suffix(".json")
+    refuse_overlap([p for p in (data_root, levels_csv, pretrained) if p is not None], out_files=[out, report])
     try:
-        train_ds = open_split(train_split)
-        val_ds = None if held_out else open_split(val_split)
-        _, m = fit_classifier(
-            train_ds, arch=arch, size=size, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
-            weight_decay=weight_decay, seed=seed, val_data=val_ds, val_fraction=val_fraction if held_out else 0.0,
-            subset=subset, out=out, device=device, pretrained=pretrained, balance=balance, augment=augment,
-            cache=cache, workers=workers, progress=True,
-            extra_meta={"data": data_root.name, "layout": layout, "train_split": train_split,
-                        "val_split": None if held_out else val_split},
-            val_name=None if held_out else f"split {val_split}", log=lambda msg: click.echo(msg, err=True),
-        )
+        with output_lock(out, folder=False):  # taken first: an unwritable --out fails before training
+            m = _fit(open_split, train_split, val_split, held_out, dict(
+                arch=arch, size=size, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
+                weight_decay=weight_decay, seed=seed, val_fraction=val_fraction if held_out else 0.0,
+                subset=subset, out=out, device=device, pretrained=pretrained, balance=balance, augment=augment,
+                cache=cache, workers=workers, progress=True,
+                extra_meta={"data": data_root.name, "layout": layout, "train_split": train_split,
+                            "val_split": None if held_out else val_split},
+                val_name=None if held_out else f"split {val_split}", log=lambda msg: click.echo(msg, err=True)))
     except DerestainerError:
         raise  # the CLI group reports these
     except (ValueError, FloatingPointError) as exc:  # bad option values, a diverging run: user errors too
         raise fail(str(exc)) from None
+    _report(m, arch)
+
+
+def _fit(open_split: Callable[[str], PairedImageDataset], train_split: str, val_split: str, held_out: bool,
+         kwargs: dict[str, Any]) -> dict[str, Any]:
+    from derestainer.training.classifier import fit_classifier
+
+    train_ds = open_split(train_split)
+    val_ds = None if held_out else open_split(val_split)
+    _, m = fit_classifier(train_ds, val_data=val_ds, **kwargs)
+    return m
+
+
+def _report(m: dict[str, Any], arch: str) -> None:
+    from derestainer.training.classifier_metrics import format_confusion
 
     click.echo(f"trained {arch} on {m['n_train']} images {m['train_counts']} for {m['steps']} steps "
                f"in {m['seconds']:.0f} s")

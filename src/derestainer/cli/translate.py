@@ -37,6 +37,8 @@ def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_s
     """
     from tqdm.auto import tqdm
 
+    from derestainer.core.guard import refuse_overlap
+    from derestainer.core.io import check_images
     from derestainer.inference.folders import collect_inputs, translate_files
     from derestainer.inference.loading import load_model
 
@@ -44,7 +46,9 @@ def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_s
         jobs = collect_inputs(inputs, recursive=recursive)
     except (FileNotFoundError, ValueError) as exc:  # a missing input, clashing outputs, no images
         raise fail(str(exc)) from None
+    refuse_overlap(inputs, out_dirs=[out_dir])  # before any work: --out must not hold or be an input
     lm = load_model(checkpoint, device, fast=fast, precision=precision)
+    check_images([j.src for j in jobs])  # every header checked before the first output is written
     with tqdm(total=len(jobs), unit="img", desc="translate") as bar:
         rows = translate_files(lm, jobs, out_dir, batch_size=batch_size, tta=tta, input_mpp=input_mpp,
                                precision=precision, progress=bar.update)

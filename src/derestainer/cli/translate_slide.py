@@ -56,15 +56,20 @@ def translate_slide(slides: tuple[Path, ...], checkpoint: Path, out: Path, slide
     physical pixel size), NAME.heatmap.png, NAME.tiles.csv (per-tile HER2 probabilities) and
     NAME.summary.json. Under torchrun, slide i goes to rank i % WORLD_SIZE.
     """
+    from derestainer.core.guard import refuse_overlap
     from derestainer.inference.loading import load_model
     from derestainer.inference.slide_jobs import dist_rank_world, list_slides, output_for, shard
     from derestainer.inference.slide_options import SlideOptions
+    from derestainer.inference.slide_outputs import SlideOutputs
     from derestainer.inference.wsi import translate_slide as run_slide
 
     if slide_mpp is not None and slide_mpp <= 0:
         raise fail(f"--mpp must be positive, got {slide_mpp}")
     paths = list_slides(slides, recursive=recursive)
     outs = output_for(paths, out)
+    # before any work: no output may be, or sit among, the input slides
+    refuse_overlap([*slides, *paths], out_files=[f for o in outs for f in SlideOutputs.for_tiff(o).files()],
+                   out_dirs=[] if len(outs) == 1 and outs[0] == out else [out])
     rank, world = dist_rank_world()
     mine = shard(list(zip(paths, outs)), rank, world)
     lm = load_model(checkpoint, device, fast=fast, precision=precision)

@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from derestainer.core.errors import DatasetError, ImageReadError, PairSizeError
-from derestainer.core.io import IMAGE_SUFFIXES, list_images, read_image, to_tensor_uint8
+from derestainer.core.io import IMAGE_SUFFIXES, check_image, list_images, read_image, to_tensor_uint8
 from derestainer.core.levels import BCI_NAME, HER2_LEVELS, LEVEL_TOKENS, UNKNOWN, parse_bci_level, parse_level, read_labels_csv
 from derestainer.data.transforms import PairedTransform, build_transform
 
@@ -92,16 +92,16 @@ def pair_folders(he_dir: PathLike, ihc_dir: PathLike) -> list[tuple[str, Path, P
     ihc = _images_by_stem(ihc_dir, "IHC")
     only_he = sorted(he.keys() - ihc.keys())
     only_ihc = sorted(ihc.keys() - he.keys())
-    if only_he or only_ihc:
-        lines = ["cannot pair H&E and IHC images by file name:"]
+    if only_he or only_ihc:  # one line naming the folders and the first unpaired files
+        parts = []
         if only_he:
-            lines.append(f"  {len(only_he)} H&E image(s) in {he_dir} have no IHC partner in {ihc_dir}: "
-                         f"{_short_list([he[s].name for s in only_he])}")
+            parts.append(f"{he_dir}: {len(only_he)} H&E image(s) without an IHC partner in {ihc_dir} "
+                         f"({_short_list([he[s].name for s in only_he])})")
         if only_ihc:
-            lines.append(f"  {len(only_ihc)} IHC image(s) in {ihc_dir} have no H&E partner in {he_dir}: "
-                         f"{_short_list([ihc[s].name for s in only_ihc])}")
-        lines.append("  every H&E image needs an IHC image with the same file name (suffix may differ).")
-        raise DatasetError("\n".join(lines))
+            parts.append(f"{ihc_dir}: {len(only_ihc)} IHC image(s) without an H&E partner in {he_dir} "
+                         f"({_short_list([ihc[s].name for s in only_ihc])})")
+        raise DatasetError("; ".join(parts) + "; every H&E image needs an IHC image of the same file name "
+                           "(the suffix may differ)")
     return [(s, he[s], ihc[s]) for s in sorted(he)]
 
 
@@ -298,6 +298,22 @@ class PairedFolderDataset(PairedImageDataset):
 
 
 # ----------------------------------------------------------------------------- helpers
+def check_headers(dataset: Dataset) -> None:
+    """Check every pair's two image headers without decoding (cheap: a training run calls it before
+    it writes anything): each file exists and is a readable image within the pixel limit, and the two
+    images of a pair have the same size.
+
+    Raises:
+        ImageReadError: naming the file; PairSizeError: naming both files and their sizes.
+    """
+    for name, he_path, ihc_path in getattr(dataset, "pairs", ()):
+        (hw, hh), (iw, ih) = check_image(he_path), check_image(ihc_path)
+        if (hw, hh) != (iw, ih):
+            raise PairSizeError(
+                f"pair {name!r}: H&E {he_path} is {hh}x{hw} (HxW) but IHC {ihc_path} is {ih}x{iw}; "
+                "both images of a pair must have the same size")
+
+
 def check(dataset: PairedImageDataset, workers: int = 4) -> None:
     """Decode every pair of ``dataset`` (in threads) and raise one :class:`DatasetError` listing all
     unreadable/truncated files and size mismatches (first few, and the count). Fills the cache when
@@ -317,9 +333,9 @@ def check(dataset: PairedImageDataset, workers: int = 4) -> None:
         results = [one(i) for i in range(n)]
     errors = [r for r in results if r is not None]
     if errors:
-        shown = "\n  ".join(errors[:_SHOW])
-        more = f"\n  ... and {len(errors) - _SHOW} more" if len(errors) > _SHOW else ""
-        raise DatasetError(f"{len(errors)} of {n} pairs cannot be loaded:\n  {shown}{more}")
+        shown = "; ".join(errors[:_SHOW])
+        more = f"; ... and {len(errors) - _SHOW} more" if len(errors) > _SHOW else ""
+        raise DatasetError(f"{len(errors)} of {n} pairs cannot be loaded: {shown}{more}")
 
 
 def dataset_levels(dataset: Dataset) -> list[int]:

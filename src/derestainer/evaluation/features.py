@@ -106,10 +106,10 @@ def load_evaluator(classifier: Any, device: str) -> tuple[Any, dict[str, Any], s
 
 def independence_warnings(comparator: str | os.PathLike[str], evaluator_meta: dict[str, Any]) -> list[str]:
     """Why the evaluator may not be independent of the comparator checkpoint (empty: no reason found)."""
-    from derestainer.core.fileformat import read_meta  # imports torch: see the module docstring
-    from derestainer.models.classifier import independence_warnings as reasons  # (same reason)
+    from derestainer.models.classifier import independence_warnings as reasons  # imports torch: see the module docstring
+    from derestainer.models.classifier import read_classifier_meta  # (same reason)
 
-    try:
-        return reasons(read_meta(comparator), evaluator_meta)
+    try:  # a generator (or a tampered classifier) given as --comparator is refused, naming it
+        return reasons(read_classifier_meta(comparator), evaluator_meta)
     except CheckpointError as exc:
         raise EvaluationError(str(exc)) from None

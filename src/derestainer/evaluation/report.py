@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from derestainer.core.guard import unfinished_until_done
 from derestainer.core.io import read_image, write_bytes, write_json, write_text
 from derestainer.core.levels import HER2_LEVELS
 from derestainer.evaluation.run import EvaluationResult
@@ -228,17 +229,27 @@ def plot_confusion(metrics: dict[str, Any], path: str | Path) -> Path | None:
 
 
 def write_report(result: EvaluationResult, out_dir: str | Path, method: str = "generated", figures: bool = True) -> list[Path]:
-    """Write ``metrics.json``, ``metrics.md``, ``per_image.csv`` and (optionally) ``cases_ssim.png``, ``confusion.png``."""
+    """Write ``metrics.md``, ``per_image.csv``, (optionally) ``cases_ssim.png``, ``confusion.png``, then ``metrics.json``.
+
+    ``metrics.json`` is the record of a complete report: it is removed first and written last
+    (:func:`~derestainer.core.guard.unfinished_until_done`), so that a folder never shows the metrics
+    of one run beside the tables or figures of another.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [
-        write_json(out / "metrics.json", {"method": method, **result.metrics}),
-        write_text(out / "metrics.md", table_markdown(result.metrics, method)),
-        write_text(out / "per_image.csv", per_image_csv(result.rows)),
-    ]
-    if figures and result.rows:
-        written.append(plot_cases(result, out / "cases_ssim.png"))
-        cm = plot_confusion(result.metrics, out / "confusion.png")
-        if cm is not None:
-            written.append(cm)
+    stale = [out / "cases_ssim.png", out / "confusion.png"]
+    with unfinished_until_done(out / "metrics.json"):
+        written = [
+            write_text(out / "metrics.md", table_markdown(result.metrics, method)),
+            write_text(out / "per_image.csv", per_image_csv(result.rows)),
+        ]
+        if figures and result.rows:
+            written.append(plot_cases(result, out / "cases_ssim.png"))
+            cm = plot_confusion(result.metrics, out / "confusion.png")
+            if cm is not None:
+                written.append(cm)
+        for f in stale:  # figures of an earlier report that this one does not replace
+            if f not in written:
+                f.unlink(missing_ok=True)
+        written.insert(0, write_json(out / "metrics.json", {"method": method, **result.metrics}))
     return written

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from derestainer.core.guard import output_lock, refuse_overlap, unfinished_until_done
 from derestainer.core.io import list_images, read_image, write_image, write_json, write_text
 from derestainer.inference.loading import LoadedModel
 from derestainer.inference.precision import Precision
@@ -119,16 +120,22 @@ def translate_files(
     input path, output path (relative to ``out_dir``), predicted level name, and one probability
     per level (empty when the model has no f_level head).
 
+    The output folder is locked while it is written (:func:`~derestainer.core.guard.output_lock`);
+    ``predictions.json`` is written last, and a hidden ``.predictions.json.unfinished`` marker stands
+    in the folder until it is.
+
     Raises:
         ImageReadError: an input image cannot be read (nothing is written for it; earlier outputs stay).
+        OutputError: the output folder holds an input, is locked by another job, or cannot be written.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    batches = _SizeBatches(lm, jobs, out, TranslateOptions(batch_size, tta, input_mpp, precision), progress)
-    for idx, job in enumerate(jobs):
-        batches.add(idx, read_image(job.src))
-    ordered = batches.finish()
-    write_predictions(out, ordered, lm)
+    refuse_overlap([j.src for j in jobs], out_dirs=[out])
+    with output_lock(out, folder=True), unfinished_until_done(out / "predictions.json"):
+        batches = _SizeBatches(lm, jobs, out, TranslateOptions(batch_size, tta, input_mpp, precision), progress)
+        for idx, job in enumerate(jobs):
+            batches.add(idx, read_image(job.src))
+        ordered = batches.finish()
+        write_predictions(out, ordered, lm)
     return ordered
 
 

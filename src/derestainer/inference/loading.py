@@ -19,6 +19,7 @@ import torch
 from derestainer.core.config import Config, replace
 from derestainer.core.device import resolve_device
 from derestainer.core.fileformat import read_meta
+from derestainer.core.guard import refuse_overlap
 from derestainer.core.levels import HER2_LEVELS
 from derestainer.core.runs import resolve_generator_file
 from derestainer.inference.optimize import optimize_for_inference
@@ -98,8 +99,10 @@ def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
 
     Raises:
         CheckpointError: no generator there, or the file is another kind of checkpoint.
+        OutputError: ``out`` is the checkpoint's own generator file.
     """
     src = resolve_generator_file(checkpoint)
+    refuse_overlap([src], out_files=[out])
     model, cfg, meta = load_generator(src, device="cpu")
     if mpp is not None:
         cfg = replace(cfg, data={"mpp": float(mpp)})

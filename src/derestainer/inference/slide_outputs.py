@@ -32,6 +32,10 @@ class SlideOutputs:
     summary: Path
     work: Path
 
+    def files(self) -> tuple[Path, ...]:
+        """Every path written for the slide (the work folder included)."""
+        return self.tiff, self.heatmap, self.tiles_csv, self.summary, self.work
+
     @classmethod
     def for_tiff(cls, tiff: str | os.PathLike[str]) -> SlideOutputs:
         t = Path(tiff)
@@ -100,7 +104,9 @@ def write_slide_outputs(r: SlideResult) -> dict[str, Any]:
     write_tiles_csv(r.outs.tiles_csv, r.plan.grid, sel.frac, sel.run, r.probs_grid, r.level_names)
     if summary["level_predictions"]:
         write_heatmap(r.outs.heatmap, sel.thumb, sel.mask, r.plan, r.probs_grid, r.level_names, title=r.slide.name)
-    write_json(r.outs.summary, summary)
+    else:  # a model without a level head: no heat map, and none of an earlier run left beside the new TIFF
+        r.outs.heatmap.unlink(missing_ok=True)
+    write_json(r.outs.summary, summary)  # last: the record that the slide's outputs are complete
     return summary
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from derestainer.core.errors import ImageReadError, SlideError
-from derestainer.core.io import read_image
+from derestainer.core.io import check_image, read_image
 from derestainer.inference.tiling import extract_tile
 
 if TYPE_CHECKING:
@@ -273,19 +273,46 @@ def _to_rgb8(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+#: Deflate cannot compress more than about 1032:1, so a PNG smaller than its pixels / this is not a
+#: real image of that size (a truncated or crafted file): refused before anything is allocated.
+PNG_MAX_RATIO = 1100
+
+
+def decode_budget_pixels() -> int:
+    """Largest flat image (PNG, JPEG, ...) decoded whole as a slide: a quarter of
+    ``DERESTAINER_MAX_SLIDE_DECODE_BYTES`` (default: half the physical memory, at most 16 GiB)."""
+    env = os.environ.get("DERESTAINER_MAX_SLIDE_DECODE_BYTES")
+    if env:
+        return max(1, int(env) // 4)
+    try:
+        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        phys = 8 << 30
+    return min(16 << 30, phys // 2) // 4
+
+
+def _check_compression(path: Path, w: int, h: int) -> None:
+    if path.suffix.lower() == ".png" and w * h * 3 > PNG_MAX_RATIO * max(1, path.stat().st_size):
+        raise SlideError(f"{path}: {w}×{h} px in a {path.stat().st_size:,}-byte PNG is more than deflate can "
+                         "compress (truncated or crafted file); refused before decoding")
+
+
 class ImageReader(SlideReader):
     """Pillow, for PNG/JPEG and other flat images (decoded whole: they have no tiles to read lazily)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # the user asked for this slide: no decompression-bomb guard
+        budget = decode_budget_pixels()
         try:
-            self._img = read_image(self.path)
+            w, h = check_image(self.path, max_pixels=1 << 62)
+            if w * h > budget:
+                raise SlideError(f"{self.path}: a {w}×{h} px flat image is decoded whole, more than the "
+                                 f"{budget:,} px this machine allows (DERESTAINER_MAX_SLIDE_DECODE_BYTES); "
+                                 "convert it to a tiled pyramidal TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid`)")
+            _check_compression(self.path, w, h)
+            self._img = read_image(self.path, max_pixels=budget)
         except ImageReadError as exc:
-            raise SlideError(str(exc)) from exc
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
+            raise SlideError(str(exc)) from None
         h, w = self._img.shape[:2]
         self.level_dimensions = [(w, h)]
         self.level_downsamples = [1.0]

@@ -10,7 +10,9 @@
 5. **Outputs** beside the TIFF (:mod:`.slide_outputs`): heat map PNG, tiles CSV, summary JSON.
 
 Interruptions leave no file at the output path (temporary name, renamed at the end); the work
-folder keeps finished bands so that ``resume=True`` skips them.
+folder keeps finished bands so that ``resume=True`` skips them. The output is locked while it is
+written (a second job on the same output is refused, naming the holder), and its summary JSON is
+written last: until then a hidden ``.NAME.summary.json.unfinished`` marker stands beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from derestainer.core.errors import SlideError
+from derestainer.core.guard import output_lock, refuse_overlap, unfinished_until_done
 from derestainer.inference.loading import LoadedModel
 from derestainer.inference.ometiff import remove_tree, write_pyramid
 from derestainer.inference.plan import SlidePlan, plan_slide, select_tiles
@@ -50,25 +53,27 @@ def translate_slide(lm: LoadedModel, slide: str | os.PathLike[str], out: str | o
     t_start, slide, outs, o = time.perf_counter(), Path(slide), SlideOutputs.for_tiff(out), options
     o.check_tiles(lm.multiple)
     precision = _precision(lm, o)
-    with open_slide(slide) as reader:
+    refuse_overlap([slide], out_files=outs.files())
+    with output_lock(outs.tiff, folder=False), open_slide(slide) as reader:
         plan = _plan(reader, lm, o, slide)
         sel = select_tiles(reader, plan, thumbnail_side=o.thumbnail_side, all_tiles=o.all_tiles,
                            min_tissue=o.min_tissue)
-        work = WorkFolder(outs.work)
-        done = work.start(resume_settings(slide, lm, plan, sel.run, precision), resume=o.resume,
-                          n_rows=plan.grid.n_rows)
-        stream = BandStream(lm, reader, plan, sel.run, work, done, o)
-        desc = f"derestainer virtual IHC of {slide.name}; model {lm.path.name}; mpp {plan.model_mpp:.6g}"
-        with tqdm(total=int(sel.run.sum()), initial=stream.done_tiles, unit="tile", desc=slide.name,
-                  disable=not o.progress, dynamic_ncols=True, smoothing=0.1) as bar:
-            pyramid = write_pyramid(outs.tiff, stream.rows(bar), plan.height, plan.width, plan.model_mpp,
-                                    work_dir=outs.work, options=o.pyramid(f"virtual IHC of {slide.name}", desc))
-        summary = write_slide_outputs(SlideResult(
-            slide, outs, reader.vendor, reader.dimensions, lm.path, str(lm.device), lm.level_names, plan, o, sel,
-            stream.probs_grid, pyramid, resumed=bool(done), computed_tiles=stream.computed_tiles,
-            model_seconds=stream.model_seconds, seconds=time.perf_counter() - t_start))
-    if not o.keep_work:
-        remove_tree(outs.work)
+        with unfinished_until_done(outs.summary):  # from here on, the old outputs are being replaced
+            work = WorkFolder(outs.work)
+            done = work.start(resume_settings(slide, lm, plan, sel.run, precision), resume=o.resume,
+                              n_rows=plan.grid.n_rows)
+            stream = BandStream(lm, reader, plan, sel.run, work, done, o)
+            desc = f"derestainer virtual IHC of {slide.name}; model {lm.path.name}; mpp {plan.model_mpp:.6g}"
+            with tqdm(total=int(sel.run.sum()), initial=stream.done_tiles, unit="tile", desc=slide.name,
+                      disable=not o.progress, dynamic_ncols=True, smoothing=0.1) as bar:
+                pyramid = write_pyramid(outs.tiff, stream.rows(bar), plan.height, plan.width, plan.model_mpp,
+                                        work_dir=outs.work, options=o.pyramid(f"virtual IHC of {slide.name}", desc))
+            summary = write_slide_outputs(SlideResult(
+                slide, outs, reader.vendor, reader.dimensions, lm.path, str(lm.device), lm.level_names, plan, o,
+                sel, stream.probs_grid, pyramid, resumed=bool(done), computed_tiles=stream.computed_tiles,
+                model_seconds=stream.model_seconds, seconds=time.perf_counter() - t_start))
+        if not o.keep_work:
+            remove_tree(outs.work)
     return summary
 
 

@@ -117,8 +117,7 @@ def _time_steps(spec: BenchSpec, trainers: dict[str, Trainer], options: dict[str
         t = time_paths(fns, device, spec.warmup, spec.iters, first_warmup=first_warmup)
     finally:
         for tr in trainers.values():
-            if tr.logger is not None:
-                tr.logger.close()
+            tr.close()
     return path_entries(t, opts), next(iter(step_flops.values()), None)
 
 

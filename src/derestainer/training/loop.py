@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from derestainer.core.config import Config, dump_yaml, to_dict
 from derestainer.core.errors import TrainingError
 from derestainer.core.fileformat import unwrap_model
+from derestainer.core.guard import output_lock, refuse_overlap
 from derestainer.core.io import write_json, write_text
 from derestainer.core.runs import clean_incomplete, list_checkpoints
 from derestainer.data.transforms import to_model_space
@@ -139,13 +140,18 @@ class Trainer:
         self._train_loader: DataLoader | None = None
         self.last_terms: dict[str, float] = {}
         self.last_val: dict[str, Any] | None = None
+        self._lock = contextlib.ExitStack()  # the run folder's lock, held by rank 0 until run() ends
         try:
+            if self.env.is_main:
+                refuse_overlap(_data_folders(cfg), out_dirs=[self.run_dir])
+                self._lock.enter_context(output_lock(self.run_dir, folder=True))
             self._setup(resume)
-        except BaseException:
+        except BaseException as exc:
             if self.logger is not None:
                 self.logger.close()
             if self._owns_env:
                 cleanup(self.env)
+            self._lock.__exit__(type(exc), exc, exc.__traceback__)
             raise
 
     def _setup(self, resume: Resume) -> None:
@@ -166,6 +172,7 @@ class Trainer:
         self.state = TrainState(world_size=self.env.world_size)
         if ckpt is not None:
             resume_mod.load_into(self, ckpt)
+        setup.build_data(self)  # before the log opens: bad data leaves nothing in the run folder
         self.logger = RunLogger(self.run_dir, enabled=self.env.is_main, total=tc.steps, initial=self.state.step,
                                 tensorboard=tc.tensorboard)
         for msg in self._pending:
@@ -182,9 +189,14 @@ class Trainer:
         if self.d_train is not None:
             self.discriminator = unwrap_model(self.d_train)
         self.g_guard, self.d_guard = step.BufferGuard(self.generator), step.BufferGuard(self.discriminator)
-        setup.build_data(self)
 
     # ---------------------------------------------------------------------------------------- helpers
+    def close(self) -> None:
+        """Close the run log and release the run folder's lock (for a trainer that is not :meth:`run`)."""
+        if self.logger is not None:
+            self.logger.close()
+        self._lock.close()
+
     @property
     def run_log(self) -> RunLogger:
         """The run's logger (exists once the trainer is built)."""
@@ -257,22 +269,23 @@ class Trainer:
             TrainingError: non-finite losses in ``max_bad_steps`` consecutive steps (and other fatal states).
         """
         t0 = time.perf_counter()
-        try:
+        with self._lock:  # released however the run ends
+            try:
+                if self.env.is_main:
+                    clean_incomplete(self.run_dir)
+                    write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
+                barrier(self.env)
+                self._loop()
+            except TrainingError as exc:
+                self.run_log.event(self.state.step, "stopped", str(exc), level=logging.ERROR)
+                raise
+            finally:
+                self.run_log.close()
+                if self._owns_env:
+                    cleanup(self.env)
+            summary = self._summary(time.perf_counter() - t0)
             if self.env.is_main:
-                clean_incomplete(self.run_dir)
-                write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
-            barrier(self.env)
-            self._loop()
-        except TrainingError as exc:
-            self.run_log.event(self.state.step, "stopped", str(exc), level=logging.ERROR)
-            raise
-        finally:
-            self.run_log.close()
-            if self._owns_env:
-                cleanup(self.env)
-        summary = self._summary(time.perf_counter() - t0)
-        if self.env.is_main:
-            write_json(self.run_dir / "summary.json", summary)
+                write_json(self.run_dir / "summary.json", summary)
         return summary
 
     # ---------------------------------------------------------------------------------------- the loop
@@ -378,6 +391,19 @@ class Trainer:
             "checkpoint": str(ckpts[-1]) if ckpts else None,
             "config": to_dict(self.cfg),
         }
+
+
+def _data_folders(cfg: Config) -> list[Path]:
+    """The dataset folders a run reads (``{split}`` patterns stand for their fixed part)."""
+    d = cfg.data
+    root = Path(d.root) if d.root else None
+    out = [root] if root is not None else []
+    for sub in (d.he_dir, d.ihc_dir):
+        if sub:
+            fixed = Path(sub.split("{", 1)[0]) if "{" in sub else Path(sub)
+            if str(fixed) not in ("", "."):
+                out.append(root / fixed if root is not None else fixed)
+    return out
 
 
 def train(cfg: Config, resume: Resume = "new", env: DistEnv | None = None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from derestainer.core.config import Config
 from derestainer.core.errors import DatasetError, TrainingError
-from derestainer.data.datasets import build_dataset
+from derestainer.data.datasets import build_dataset, check_headers
 from derestainer.models.classifier import HER2Classifier, freeze, load_classifier
 from derestainer.models.discriminator import build_discriminator
 from derestainer.models.registry import create_generator
@@ -73,6 +73,7 @@ def build_data(tr: Trainer) -> None:
     dc, tc, env = tr.cfg.data, tr.cfg.train, tr.env
     # The dataset only decodes and resizes; SeededPairs draws the augmentation (see training.loop).
     base = build_dataset(replace(dc, crop=0, flip=False, rot90=False), dc.train_split, train=False)
+    check_headers(base)  # every header and pair size checked before anything is written
     tr.train_set = SeededPairs(base, tc.seed, crop=dc.crop, flip=dc.flip, rot90=dc.rot90)
     tr.sampler = EpochSampler(len(base), env.rank, env.world_size, tc.seed)
     tr.batches_per_epoch = tr.sampler.per_rank // tc.batch_size
