@@ -33,15 +33,16 @@ def tree(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("out_dir, refused", [
-    ("in", True),              # the same folder
-    ("in/sub", True),          # inside an input folder
-    (".", True),               # contains the input folder
-    ("out", False),            # beside it
-    ("in2", False),            # a name that merely starts the same
+@pytest.mark.parametrize("out_dir, recursive, refused", [
+    ("in", False, True),           # the same folder: the outputs would be listed with the inputs
+    ("in/sub", True, True),        # below an input folder that is listed recursively
+    ("in/sub", False, False),      # below one that is not: nothing reads it
+    (".", False, False),           # holding the input folder: single files are out_files' to check
+    ("out", False, False),         # beside it
+    ("in2", False, False),         # a name that merely starts the same
 ])
-def test_output_folder_against_input_folder(tree: Path, out_dir: str, refused: bool) -> None:
-    call = lambda: refuse_overlap([tree / "in"], out_dirs=[tree / out_dir])  # noqa: E731
+def test_output_folder_against_input_folder(tree: Path, out_dir: str, recursive: bool, refused: bool) -> None:
+    call = lambda: refuse_overlap([tree / "in"], out_dirs=[tree / out_dir], recursive=recursive)  # noqa: E731
     if refused:
         with pytest.raises(OutputError, match="input folder"):
             call()
@@ -49,10 +50,32 @@ def test_output_folder_against_input_folder(tree: Path, out_dir: str, refused: b
         call()
 
 
-def test_output_folder_holding_an_input_file(tree: Path) -> None:
-    with pytest.raises(OutputError, match="holds the input"):
-        refuse_overlap([tree / "in" / "a.png"], out_dirs=[tree / "in"])
-    refuse_overlap([tree / "in" / "a.png"], out_dirs=[tree / "out"])
+@pytest.mark.parametrize("own, refused", [("in", True), ("in/sub", True), (".", True), ("out", False), ("in2", False)])
+def test_a_folder_the_command_owns_keeps_clear_of_every_input(tree: Path, own: str, refused: bool) -> None:
+    """A run or report folder may not be, hold, or lie inside an input (file or folder)."""
+    for inputs in ([tree / "in"], [tree / "in" / "sub" / "b.png"]):
+        call = lambda ins=inputs: refuse_overlap(ins, own_dirs=[tree / own])  # noqa: E731
+        if refused:
+            with pytest.raises(OutputError, match="input"):
+                call()
+        else:
+            call()
+
+
+def test_output_file_in_a_listed_input_folder(tree: Path) -> None:
+    with pytest.raises(OutputError, match="lies in the input folder"):
+        refuse_overlap([tree / "in"], out_files=[tree / "in" / "new.png"])
+    refuse_overlap([tree / "in"], out_files=[tree / "in" / "sub" / "new.png"])  # not listed without recursion
+    with pytest.raises(OutputError, match="lies in the input folder"):
+        refuse_overlap([tree / "in"], out_files=[tree / "in" / "sub" / "new.png"], recursive=True)
+
+
+def test_output_files_beside_inputs_that_do_not_collide_are_allowed(tree: Path) -> None:
+    """``translate-slide slides/a.svs --out .`` writes ./a.ome.tiff: nothing is overwritten, nothing refused."""
+    refuse_overlap([tree / "in" / "a.png"], out_files=[tree / "a.ome.tiff", tree / "a.summary.json"],
+                   out_dirs=[tree])
+    with pytest.raises(OutputError, match="also an input"):
+        refuse_overlap([tree / "in" / "a.png"], out_files=[tree / "in" / "a.png"], out_dirs=[tree / "in"])
 
 
 def test_output_file_is_an_input_by_path_symlink_or_hard_link(tree: Path) -> None:
@@ -66,11 +89,6 @@ def test_output_file_is_an_input_by_path_symlink_or_hard_link(tree: Path) -> Non
     with pytest.raises(OutputError, match="also an input"):
         refuse_overlap([src], out_files=[tree / "hard.png"])
     refuse_overlap([src], out_files=[tree / "out" / "a.png"])
-
-
-def test_output_file_inside_an_input_folder(tree: Path) -> None:
-    with pytest.raises(OutputError, match="inside the input folder"):
-        refuse_overlap([tree / "in"], out_files=[tree / "in" / "new.tiff"])
 
 
 def test_symlinked_output_folder_pointing_at_the_inputs(tree: Path) -> None:
@@ -214,3 +232,38 @@ def test_evaluation_report_interrupted_while_rewritten_is_marked(tmp_path: Path,
     report.write_report(result, out, method="third", figures=False)
     assert json.loads((out / "metrics.json").read_text())["method"] == "third"
     assert not unfinished_marker(out / "metrics.json").exists()
+
+
+def test_a_lock_file_left_by_another_users_killed_job_is_taken_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stale lock file is not writable for us (another user's, 0644): it is locked read-only (flock
+    needs no write access), found free, removed while held, and replaced by our own."""
+    out = tmp_path / "shared"
+    out.mkdir()
+    stale = out / LOCK_NAME
+    stale.write_text('{"pid": 1, "host": "elsewhere"}\n')
+    real_open = os.open
+
+    def theirs(path: object, flags: int, *a: object, **k: object) -> int:
+        if Path(os.fspath(path)) == stale and flags & os.O_RDWR and stale.exists() and stale.stat().st_size:
+            raise PermissionError(13, "Permission denied", os.fspath(path))  # type: ignore[arg-type]
+        return real_open(path, flags, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", theirs)
+    with output_lock(out, folder=True) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not stale.exists()
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="derestainer"), output_lock(tmp_path / "o", folder=True):
+        pass
+    assert "does not lock files" in caplog.text and "No locks available" in caplog.text
+    assert not (tmp_path / "o" / LOCK_NAME).exists()

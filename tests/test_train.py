@@ -179,7 +179,8 @@ def test_resume_refuses_a_checkpoint_of_another_model(data: Path, tmp_path: Path
     with pytest.raises(TrainingError, match="--resume"):
         Trainer(cfg, resume="new")
     # an explicit checkpoint folder
-    assert Trainer(cfg, resume=checkpoint_dir(tmp_path / "run", 2)).state.step == 2
+    with Trainer(cfg, resume=checkpoint_dir(tmp_path / "run", 2)) as tr:  # closing releases the run folder
+        assert tr.state.step == 2
     # a generator file is not a run checkpoint
     with pytest.raises(CheckpointError):
         Trainer(cfg, resume=tmp_path / "run" / "generator.safetensors")

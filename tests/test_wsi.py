@@ -414,8 +414,8 @@ def test_interrupted_run_leaves_no_output_and_resume_completes(tmp_path: Path, m
     with pytest.raises(RuntimeError, match="simulated crash"):
         translate_slide(lm, slide, out, opts)
     assert not out.exists()
-    # no temporary TIFF left behind; the marker says the slide's outputs are unfinished
-    assert sorted(p.name for p in out.parent.iterdir()) == [".s.summary.json.unfinished", ".s.work"]
+    # no temporary TIFF left behind, and no marker: no output was replaced before the interruption
+    assert [p.name for p in out.parent.iterdir()] == [".s.work"]
     work = out.parent / ".s.work"
     progress = json.loads((work / "progress.json").read_text())
     assert set(progress) == {"format", "settings"}  # written once; finished bands have side files
@@ -593,3 +593,39 @@ def test_real_svs_without_mpp_and_level_choice(real_data: Path) -> None:
         assert plan.level == 1 and plan.resample == pytest.approx(8 / 2.0005, rel=1e-3)
         region = read_model_region(r, plan, plan.height // 2 - 32, plan.width // 2 - 32, 64, 64)
         assert region.shape == (64, 64, 3) and region.mean() < 230  # tissue in the centre
+
+
+def test_a_failed_rerun_keeps_the_old_outputs_until_the_new_tiff_replaces_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rerunning over a finished slide: a failure while tiles are computed leaves the old TIFF, side files
+    and summary as they were (no marker); a failure after the new TIFF replaced the old one removes the
+    old summary and leaves the marker, so the mix is never taken for a finished run."""
+    from derestainer.core.guard import unfinished_marker
+    from derestainer.inference import slide_outputs
+
+    slide = write_slide(tmp_path / "s.tif", 200, 160, mpp=0.5, levels=1, tile=64)
+    lm = load_model(make_model(tmp_path / "m.safetensors", mpp=0.5), "cpu", precision="fp32")
+    opts = SlideOptions(tile=64, overlap=16, compression="lossless", all_tiles=True, batch_size=4, **FP32, **{
+        k: v for k, v in FAST.items() if k != "batch_size"})
+    out = tmp_path / "out" / "s.ome.tiff"
+    translate_slide(lm, slide, out, opts)
+    summary = out.parent / "s.summary.json"
+    first = {p.name: p.read_bytes() for p in out.parent.iterdir() if p.is_file()}
+
+    def crash(*a: object, **k: object) -> None:
+        raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(stream_mod, "infer_tiles", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            translate_slide(lm, slide, out, opts)
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir() if p.is_file()} == first
+    assert not unfinished_marker(summary).exists()
+
+    with monkeypatch.context() as mp:
+        mp.setattr(slide_outputs, "write_tiles_csv", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            translate_slide(lm, slide, out, opts)
+    assert out.exists() and not summary.exists() and unfinished_marker(summary).exists()
+    translate_slide(lm, slide, out, opts)
+    assert summary.exists() and not unfinished_marker(summary).exists()

@@ -173,7 +173,7 @@ def run_benchmark(spec: BenchmarkSpec, log: Log = print) -> dict[str, Any]:
         _check_model(m, c)
     # the dataset must not hold the output (its images would be listed with the runs'); a --comparator
     # or --evaluator may be one an earlier benchmark trained into OUT/classifiers (given ones are only read)
-    refuse_overlap([spec.data], out_dirs=[spec.out])
+    refuse_overlap([spec.data], own_dirs=[spec.out])
     with output_lock(spec.out, folder=True):  # one benchmark per folder: two would interleave their runs
         return _run_all(spec, dirs, cfgs, log)
 

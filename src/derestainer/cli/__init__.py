@@ -36,8 +36,8 @@ class _Group(click.Group):
                 raise
             # a read-only folder, a full disk or quota, met after the up-front checks: the environment's
             # to fix, reported naming the file (atomic writes left no partial file at a final name)
-            where = exc.filename if exc.filename is not None else "output"
-            raise click.ClickException(f"{where}: {exc.strerror or exc}") from None
+            where = f"{exc.filename}: " if exc.filename is not None else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

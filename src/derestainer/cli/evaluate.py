@@ -52,6 +52,7 @@ def evaluate(pred_dir: Path, gt_dir: Path, classifier: Path | None, out_dir: Pat
     """
     from derestainer.core.guard import output_lock, refuse_overlap
     from derestainer.evaluation import EvaluateOptions, run_evaluation, summary_table, write_report
+    from derestainer.evaluation.report import REPORT_FILES
 
     if classifier is not None and not classifier.is_file():
         raise fail(f"{classifier}: no such classifier checkpoint")
@@ -63,8 +64,9 @@ def evaluate(pred_dir: Path, gt_dir: Path, classifier: Path | None, out_dir: Pat
     )
     name = method or pred_dir.resolve().name
     out = out_dir if out_dir is not None else pred_dir.resolve().parent / f"eval_{pred_dir.resolve().name}"
-    inputs = [p for p in (pred_dir, gt_dir, classifier, comparator, labels_csv) if p is not None]
-    refuse_overlap(inputs, out_dirs=[out])
+    refuse_overlap([pred_dir, gt_dir], own_dirs=[out])  # the report folder is the command's own
+    refuse_overlap([p for p in (classifier, comparator, labels_csv) if p is not None],
+                   out_files=[out / f for f in REPORT_FILES])
     with output_lock(out, folder=True):  # taken first: a read-only --out fails before the long pass
         result = run_evaluation(pred_dir, gt_dir, opts)
         written = write_report(result, out, method=name, figures=not no_figures)

@@ -20,9 +20,10 @@ def separate(images: tuple[Path, ...], out_dir: Path, second: str, matrix: str) 
     """Write H, E and DAB channel images and an original|H|E-or-DAB panel (paper Fig. 1b) per image."""
     from derestainer.core.guard import output_lock, refuse_overlap
     from derestainer.core.io import check_images, read_image
-    from derestainer.stain.panels import separate_image
+    from derestainer.stain.panels import PANEL_FILES, separate_image
 
-    refuse_overlap(images, out_dirs=[out_dir])
+    refuse_overlap(images, out_files=[out_dir / f"{p.stem}_{k}.png" for p in images for k in PANEL_FILES],
+                   out_dirs=[out_dir])
     check_images(images)  # every input checked before the first output is written
     with output_lock(out_dir, folder=True):
         for path in images:

@@ -97,7 +97,7 @@ def train_classifier(
         click.echo("--he-dir/--ihc-dir have no {split}: validating on a held-out fraction of the images", err=True)
         held_out = True
     report = out.with_suffix(".json")
-    refuse_overlap([p for p in (data_root, levels_csv, pretrained) if p is not None], out_files=[out, report])
+    refuse_overlap([p for p in (levels_csv, pretrained) if p is not None], out_files=[out, report])
     try:
         with output_lock(out, folder=False):  # taken first: an unwritable --out fails before training
             m = _fit(open_split, train_split, val_split, held_out, dict(

@@ -39,14 +39,16 @@ def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_s
 
     from derestainer.core.guard import refuse_overlap
     from derestainer.core.io import check_images
-    from derestainer.inference.folders import collect_inputs, translate_files
+    from derestainer.inference.folders import PREDICTION_FILES, collect_inputs, translate_files
     from derestainer.inference.loading import load_model
 
     try:
         jobs = collect_inputs(inputs, recursive=recursive)
     except (FileNotFoundError, ValueError) as exc:  # a missing input, clashing outputs, no images
         raise fail(str(exc)) from None
-    refuse_overlap(inputs, out_dirs=[out_dir])  # before any work: --out must not hold or be an input
+    # before any work: no output may be an input, nor land where the inputs are listed
+    refuse_overlap(inputs, out_files=[out_dir / j.rel for j in jobs] + [out_dir / f for f in PREDICTION_FILES],
+                   out_dirs=[out_dir], recursive=recursive)
     lm = load_model(checkpoint, device, fast=fast, precision=precision)
     check_images([j.src for j in jobs])  # every header checked before the first output is written
     with tqdm(total=len(jobs), unit="img", desc="translate") as bar:

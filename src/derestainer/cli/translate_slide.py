@@ -69,7 +69,7 @@ def translate_slide(slides: tuple[Path, ...], checkpoint: Path, out: Path, slide
     outs = output_for(paths, out)
     # before any work: no output may be, or sit among, the input slides
     refuse_overlap([*slides, *paths], out_files=[f for o in outs for f in SlideOutputs.for_tiff(o).files()],
-                   out_dirs=[] if len(outs) == 1 and outs[0] == out else [out])
+                   out_dirs=[] if len(outs) == 1 and outs[0] == out else [out], recursive=recursive)
     rank, world = dist_rank_world()
     mine = shard(list(zip(paths, outs)), rank, world)
     lm = load_model(checkpoint, device, fast=fast, precision=precision)

@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 if TYPE_CHECKING:
     import torch
 
-from derestainer.core.errors import ImageReadError
+from derestainer.core.errors import ConfigError, ImageReadError
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -38,7 +38,25 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".b
 #: Largest image (width × height) that :func:`read_image` decodes: Pillow's decompression-bomb limit
 #: (about 89 megapixels, 9459² px). A bigger file is almost always a whole slide (``translate-slide``
 #: streams those) or a crafted file; ``DERESTAINER_MAX_IMAGE_PIXELS`` raises the limit.
-MAX_IMAGE_PIXELS: int = int(os.environ.get("DERESTAINER_MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS or 89_478_485))
+MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def env_limit(name: str, default: int) -> int:
+    """A positive whole number from the environment variable ``name`` (``default`` when unset).
+
+    Raises:
+        ConfigError: the variable is set to anything else (naming it).
+    """
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{name}={raw!r}: expected a positive whole number")
+    return value
 
 _PIL_LIMIT = threading.Lock()
 #: ``errno`` values that mean "this place cannot be written" (a user's environment, not a bug): a
@@ -53,7 +71,7 @@ def _check_header(im: Image.Image, p: Path, max_pixels: int | None) -> None:
     w, h = im.size
     if w <= 0 or h <= 0:
         raise ImageReadError(f"{p}: image is empty ({w}×{h} px)")
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    limit = env_limit("DERESTAINER_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS) if max_pixels is None else max_pixels
     if w * h > limit:
         raise ImageReadError(
             f"{p}: {w}×{h} px is over the limit of {limit:,} pixels for one image "
@@ -155,7 +173,16 @@ def _to_rgb(im: Image.Image, p: Path) -> np.ndarray:
 
 
 #: Host of this process in temporary names (hashed: short, and any host name is a safe file name).
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+def _pid_space() -> str:
+    """The host and PID namespace this process's PIDs mean something in (containers may share a host name)."""
+    try:
+        ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        ns = ""
+    return f"{socket.gethostname()}/{ns}"
+
+
+_HOST = hashlib.sha256(_pid_space().encode()).hexdigest()[:8]
 #: ``.{name}.{host}-{pid}-{random}.tmp{suffix}``: what :func:`atomic_path` writes and :func:`clean_stale_temps` removes.
 _TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>[1-9][0-9]{0,9})-[0-9a-f]{12}\.tmp.*", re.S)
 
@@ -214,6 +241,8 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if exc.filename not in (None, str(tmp_path), os.fspath(tmp_path)):
+            raise  # about another file (e.g. a source the writer reads): reported as it is
         raise _named(exc, final) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -113,23 +113,32 @@ def _terminate(pool: ProcessPoolExecutor) -> None:
 
 @contextlib.contextmanager
 def _sigterm_as_exit(pool: ProcessPoolExecutor) -> Iterator[None]:
-    """While the body runs, SIGTERM terminates the pool's workers and raises SystemExit(143) (so that
-    ``finally`` clauses run) instead of killing the process outright. Only from the main thread and
-    when nobody else handles SIGTERM."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    """While the body runs, SIGTERM and Ctrl-C terminate the pool's workers at once, then SIGTERM raises
+    SystemExit(143) (so that ``finally`` clauses run) instead of killing the process outright and Ctrl-C
+    raises KeyboardInterrupt as usual. Only from the main thread, and only for the signals nobody else
+    handles (Python's defaults)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def handler(signum: int, frame: object) -> None:
+    def on_term(signum: int, frame: object) -> None:
         # The workers go now: the exception may unwind code that keeps this generator alive until exit.
         _terminate(pool)
         raise SystemExit(128 + signum)
 
-    old = signal.signal(signal.SIGTERM, handler)
+    def on_int(signum: int, frame: object) -> None:
+        _terminate(pool)  # before the interpreter's shutdown, which would wait for their queued work
+        raise KeyboardInterrupt
+
+    old: dict[signal.Signals, Any] = {}
+    for sig, handler, default in ((signal.SIGTERM, on_term, signal.SIG_DFL), (signal.SIGINT, on_int, signal.default_int_handler)):
+        if signal.getsignal(sig) is default:
+            old[sig] = signal.signal(sig, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig_back, previous in old.items():
+            signal.signal(sig_back, previous)
 
 
 def _abort(pool: ProcessPoolExecutor, running: set[Future[dict[str, Any]]]) -> None:

@@ -228,6 +228,10 @@ def plot_confusion(metrics: dict[str, Any], path: str | Path) -> Path | None:
     return _savefig(fig, Path(path))
 
 
+#: Every file :func:`write_report` may write (``metrics.json`` last).
+REPORT_FILES: tuple[str, ...] = ("metrics.md", "per_image.csv", "cases_ssim.png", "confusion.png", "metrics.json")
+
+
 def write_report(result: EvaluationResult, out_dir: str | Path, method: str = "generated", figures: bool = True) -> list[Path]:
     """Write ``metrics.md``, ``per_image.csv``, (optionally) ``cases_ssim.png``, ``confusion.png``, then ``metrics.json``.
 

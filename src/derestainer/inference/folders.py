@@ -18,6 +18,9 @@ from derestainer.inference.loading import LoadedModel
 from derestainer.inference.precision import Precision
 from derestainer.inference.prediction import translate_array
 
+#: The files beside the images of a translated folder; ``predictions.json`` is written last.
+PREDICTION_FILES: tuple[str, ...] = ("predictions.csv", "predictions.json")
+
 
 @dataclass(frozen=True)
 class Job:
@@ -71,8 +74,9 @@ class _SizeBatches:
     """Images grouped by size, translated a group at a time; collects one prediction row per job."""
 
     def __init__(self, lm: LoadedModel, jobs: Sequence[Job], out: Path, options: TranslateOptions,
-                 progress: Callable[[int], object] | None) -> None:
+                 progress: Callable[[int], object] | None, before_write: Callable[[], None] = lambda: None) -> None:
         self.lm, self.jobs, self.out, self.o, self.progress = lm, jobs, out, options, progress
+        self.before_write = before_write
         self.rows: dict[int, dict[str, Any]] = {}
         self.groups: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
 
@@ -90,6 +94,7 @@ class _SizeBatches:
             return
         ihc, probs = translate_array(self.lm, [im for _, im in items], tta=self.o.tta, input_mpp=self.o.input_mpp,
                                      precision=self.o.precision)
+        self.before_write()  # the first output replaced: the folder is unfinished until predictions.json
         for b, (idx, _) in enumerate(items):
             job = self.jobs[idx]
             write_image(self.out / job.rel, ihc[b])
@@ -121,17 +126,18 @@ def translate_files(
     per level (empty when the model has no f_level head).
 
     The output folder is locked while it is written (:func:`~derestainer.core.guard.output_lock`);
-    ``predictions.json`` is written last, and a hidden ``.predictions.json.unfinished`` marker stands
-    in the folder until it is.
+    ``predictions.json`` is written last: from the first image written until then, a hidden
+    ``.predictions.json.unfinished`` marker stands in the folder (and the old ``predictions.json`` is gone).
 
     Raises:
         ImageReadError: an input image cannot be read (nothing is written for it; earlier outputs stay).
         OutputError: the output folder holds an input, is locked by another job, or cannot be written.
     """
     out = Path(out_dir)
-    refuse_overlap([j.src for j in jobs], out_dirs=[out])
-    with output_lock(out, folder=True), unfinished_until_done(out / "predictions.json"):
-        batches = _SizeBatches(lm, jobs, out, TranslateOptions(batch_size, tta, input_mpp, precision), progress)
+    refuse_overlap([j.src for j in jobs], out_files=[out / j.rel for j in jobs] + [out / f for f in PREDICTION_FILES])
+    with output_lock(out, folder=True), unfinished_until_done(out / "predictions.json", lazy=True) as state:
+        batches = _SizeBatches(lm, jobs, out, TranslateOptions(batch_size, tta, input_mpp, precision), progress,
+                               before_write=state.begin)
         for idx, job in enumerate(jobs):
             batches.add(idx, read_image(job.src))
         ordered = batches.finish()

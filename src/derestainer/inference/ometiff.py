@@ -34,7 +34,7 @@ import functools
 import inspect
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -229,6 +229,7 @@ def write_pyramid(
     work_dir: str | os.PathLike[str],
     options: PyramidOptions = PyramidOptions(),
     stats: PyramidStats | None = None,
+    before_rename: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write a tiled pyramidal TIFF from a stream of full-width RGB row blocks, atomically.
 
@@ -240,6 +241,7 @@ def write_pyramid(
         work_dir: folder for the spooled reduced levels (created; emptied of spool files after).
         options: tile side, compression, layout, names (:class:`PyramidOptions`).
         stats: filled with what each level held in memory (:class:`PyramidStats`).
+        before_rename: called once the file is complete, just before it is renamed to ``path``.
 
     Returns:
         ``{"levels": [(h, w), ...], "mpp": [...per level], "compression", "layout", "tile"}``.
@@ -249,34 +251,17 @@ def write_pyramid(
 
     Nothing is left at ``path`` if writing fails or is interrupted (temporary name, then rename).
     """
-    import tifffile  # optional (the wsi extra)
-
     o = options
     o.check()
     shapes = level_shapes(height, width, o.tile)
     work = Path(work_dir)
-    common = _common_kwargs(o)
     stats = PyramidStats() if stats is None else stats
     spools: list[_Spool] = []
     try:
-        with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=(o.layout == "ome")) as tif:
-            for k, (h, w) in enumerate(shapes):
-                src: Iterable[np.ndarray] = rows if k == 0 else spools[k - 1]
-                nxt = _Spool(work, f"level{k + 1}") if k + 1 < len(shapes) else None
-                if nxt is not None:
-                    spools.append(nxt)
-                    stats.spool.append(nxt.held)
-                stats.tiler.append(HighWater())
-                stats.encoder_buffer.append(encoder_buffer(o.tile, w) if _write_takes_buffersize() else None)
-                buffer: dict[str, Any] = {} if stats.encoder_buffer[-1] is None else {"buffersize": stats.encoder_buffer[-1]}
-                stream = _checked(_tee_downsample(src, nxt), h, w, k)
-                px_per_cm = 1e4 / (mpp * width / w)
-                tif.write(rows_to_tiles(stream, w, o.tile, held=stats.tiler[-1]), **common, **buffer, shape=(h, w, 3),
-                          resolution=(px_per_cm, px_per_cm), **_level_kwargs(o, k, len(shapes), mpp))
-                # tifffile stops pulling once it has every tile; run the stream to its end so that the
-                # row count is checked and the next level's spool is flushed.
-                for _ in stream:
-                    pass
+        with atomic_path(path) as tmp:
+            _write_levels(tmp, rows, shapes, work, o, mpp, width, stats, spools)
+            if before_rename is not None:
+                before_rename()
     finally:
         for sp in spools:
             for f in sp.folder.glob(f"{sp.name}_*.npz"):
@@ -288,6 +273,32 @@ def write_pyramid(
         "layout": o.layout,
         "tile": o.tile,
     }
+
+
+def _write_levels(tmp: Path, rows: Iterable[np.ndarray], shapes: list[tuple[int, int]], work: Path, o: PyramidOptions,
+                  mpp: float, width: int, stats: PyramidStats, spools: list[_Spool]) -> None:
+    """Every level of the pyramid into the TIFF at ``tmp`` (the base from ``rows``, each next one spooled)."""
+    import tifffile  # optional (the wsi extra)
+
+    common = _common_kwargs(o)
+    with tifffile.TiffWriter(tmp, bigtiff=True, ome=(o.layout == "ome")) as tif:
+        for k, (h, w) in enumerate(shapes):
+            src: Iterable[np.ndarray] = rows if k == 0 else spools[k - 1]
+            nxt = _Spool(work, f"level{k + 1}") if k + 1 < len(shapes) else None
+            if nxt is not None:
+                spools.append(nxt)
+                stats.spool.append(nxt.held)
+            stats.tiler.append(HighWater())
+            stats.encoder_buffer.append(encoder_buffer(o.tile, w) if _write_takes_buffersize() else None)
+            buffer: dict[str, Any] = {} if stats.encoder_buffer[-1] is None else {"buffersize": stats.encoder_buffer[-1]}
+            stream = _checked(_tee_downsample(src, nxt), h, w, k)
+            px_per_cm = 1e4 / (mpp * width / w)
+            tif.write(rows_to_tiles(stream, w, o.tile, held=stats.tiler[-1]), **common, **buffer, shape=(h, w, 3),
+                      resolution=(px_per_cm, px_per_cm), **_level_kwargs(o, k, len(shapes), mpp))
+            # tifffile stops pulling once it has every tile; run the stream to its end so that the
+            # row count is checked and the next level's spool is flushed.
+            for _ in stream:
+                pass
 
 
 def _checked(rows: Iterable[np.ndarray], h: int, w: int, level: int) -> Iterator[np.ndarray]:

@@ -36,6 +36,12 @@ class SlideOutputs:
         """Every path written for the slide (the work folder included)."""
         return self.tiff, self.heatmap, self.tiles_csv, self.summary, self.work
 
+    @property
+    def lock(self) -> Path:
+        """The one lock file of the slide's outputs, named by their common stem (``a.tif`` and
+        ``a.ome.tiff`` share side files, and so share it)."""
+        return self.work.with_name(self.work.name[: -len(".work")] + ".lock")
+
     @classmethod
     def for_tiff(cls, tiff: str | os.PathLike[str]) -> SlideOutputs:
         t = Path(tiff)

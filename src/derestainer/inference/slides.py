@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from derestainer.core.errors import ImageReadError, SlideError
-from derestainer.core.io import check_image, read_image
+from derestainer.core.io import check_image, env_limit, read_image
 from derestainer.inference.tiling import extract_tile
 
 if TYPE_CHECKING:
@@ -281,14 +281,11 @@ PNG_MAX_RATIO = 1100
 def decode_budget_pixels() -> int:
     """Largest flat image (PNG, JPEG, ...) decoded whole as a slide: a quarter of
     ``DERESTAINER_MAX_SLIDE_DECODE_BYTES`` (default: half the physical memory, at most 16 GiB)."""
-    env = os.environ.get("DERESTAINER_MAX_SLIDE_DECODE_BYTES")
-    if env:
-        return max(1, int(env) // 4)
     try:
         phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         phys = 8 << 30
-    return min(16 << 30, phys // 2) // 4
+    return max(1, env_limit("DERESTAINER_MAX_SLIDE_DECODE_BYTES", min(16 << 30, phys // 2)) // 4)
 
 
 def _check_compression(path: Path, w: int, h: int) -> None:

@@ -12,7 +12,8 @@
 Interruptions leave no file at the output path (temporary name, renamed at the end); the work
 folder keeps finished bands so that ``resume=True`` skips them. The output is locked while it is
 written (a second job on the same output is refused, naming the holder), and its summary JSON is
-written last: until then a hidden ``.NAME.summary.json.unfinished`` marker stands beside it.
+written last: from the moment the new TIFF replaces the old one until then, a hidden
+``.NAME.summary.json.unfinished`` marker stands beside it.
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ def translate_slide(lm: LoadedModel, slide: str | os.PathLike[str], out: str | o
     o.check_tiles(lm.multiple)
     precision = _precision(lm, o)
     refuse_overlap([slide], out_files=outs.files())
-    with output_lock(outs.tiff, folder=False), open_slide(slide) as reader:
+    # one lock for the TIFF and its side files (named by the stem, as they are); the old outputs stay
+    # complete until the new TIFF is renamed into place, which is when the rewriting begins
+    with output_lock(outs.tiff, folder=False, lock=outs.lock), open_slide(slide) as reader:
         plan = _plan(reader, lm, o, slide)
         sel = select_tiles(reader, plan, thumbnail_side=o.thumbnail_side, all_tiles=o.all_tiles,
                            min_tissue=o.min_tissue)
-        with unfinished_until_done(outs.summary):  # from here on, the old outputs are being replaced
+        with unfinished_until_done(outs.summary, lazy=True) as state:
             work = WorkFolder(outs.work)
             done = work.start(resume_settings(slide, lm, plan, sel.run, precision), resume=o.resume,
                               n_rows=plan.grid.n_rows)
@@ -67,7 +70,8 @@ def translate_slide(lm: LoadedModel, slide: str | os.PathLike[str], out: str | o
             with tqdm(total=int(sel.run.sum()), initial=stream.done_tiles, unit="tile", desc=slide.name,
                       disable=not o.progress, dynamic_ncols=True, smoothing=0.1) as bar:
                 pyramid = write_pyramid(outs.tiff, stream.rows(bar), plan.height, plan.width, plan.model_mpp,
-                                        work_dir=outs.work, options=o.pyramid(f"virtual IHC of {slide.name}", desc))
+                                        work_dir=outs.work, options=o.pyramid(f"virtual IHC of {slide.name}", desc),
+                                        before_rename=state.begin)
             summary = write_slide_outputs(SlideResult(
                 slide, outs, reader.vendor, reader.dimensions, lm.path, str(lm.device), lm.level_names, plan, o,
                 sel, stream.probs_grid, pyramid, resumed=bool(done), computed_tiles=stream.computed_tiles,

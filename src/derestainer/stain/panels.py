@@ -30,6 +30,10 @@ def choose_second_stain(rgb: np.ndarray, rgb_from_hed: np.ndarray | None = None)
     return "dab" if e < 0.1 * dab else "e"
 
 
+#: What :func:`separate_image` writes per image: ``{stem}_{name}.png`` for each name.
+PANEL_FILES: tuple[str, ...] = ("H", "E", "DAB", "panel")
+
+
 def separate_image(
     rgb: np.ndarray, out_dir: str | Path, stem: str, second: str = "auto", matrix: str = "ruifrok"
 ) -> list[Path]:
@@ -45,7 +49,7 @@ def separate_image(
     m = RGB_FROM_HED if matrix == "ruifrok" else macenko_stain_matrix(rgb, second=second)
     chans = {s: to_uint8(stain_channel_np(rgb, s, m)) for s in ("h", "e", "dab")}
     written = [write_image(out / f"{stem}_{s.upper()}.png", chans[s]) for s in ("h", "e", "dab")]
-    written.append(save_panel(out / f"{stem}_panel.png", rgb, chans["h"], chans[second], second))
+    written.append(save_panel(out / f"{stem}_{PANEL_FILES[-1]}.png", rgb, chans["h"], chans[second], second))
     return written
 
 

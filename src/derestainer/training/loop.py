@@ -141,10 +141,9 @@ class Trainer:
         self.last_terms: dict[str, float] = {}
         self.last_val: dict[str, Any] | None = None
         self._lock = contextlib.ExitStack()  # the run folder's lock, held by rank 0 until run() ends
+        self._lock_held = [False]
         try:
-            if self.env.is_main:
-                refuse_overlap(_data_folders(cfg), out_dirs=[self.run_dir])
-                self._lock.enter_context(output_lock(self.run_dir, folder=True))
+            self._take_lock()
             self._setup(resume)
         except BaseException as exc:
             if self.logger is not None:
@@ -173,6 +172,8 @@ class Trainer:
         if ckpt is not None:
             resume_mod.load_into(self, ckpt)
         setup.build_data(self)  # before the log opens: bad data leaves nothing in the run folder
+        if self.env.is_main:  # the run folder is the run's own: not among, nor holding, the images it reads
+            refuse_overlap(setup.data_folders(self), own_dirs=[self.run_dir])
         self.logger = RunLogger(self.run_dir, enabled=self.env.is_main, total=tc.steps, initial=self.state.step,
                                 tensorboard=tc.tensorboard)
         for msg in self._pending:
@@ -191,11 +192,25 @@ class Trainer:
         self.g_guard, self.d_guard = step.BufferGuard(self.generator), step.BufferGuard(self.discriminator)
 
     # ---------------------------------------------------------------------------------------- helpers
+    def _take_lock(self) -> None:
+        """Rank 0 locks the run folder (again, for a second :meth:`run`): one writer per run."""
+        held = self._lock_held  # a list, not self, in the callback: no cycle keeps a dropped Trainer's lock
+        if self.env.is_main and not held[0]:
+            self._lock.enter_context(output_lock(self.run_dir, folder=True))
+            self._lock.callback(held.__setitem__, 0, False)
+            held[0] = True
+
     def close(self) -> None:
         """Close the run log and release the run folder's lock (for a trainer that is not :meth:`run`)."""
         if self.logger is not None:
             self.logger.close()
         self._lock.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def run_log(self) -> RunLogger:
@@ -269,6 +284,7 @@ class Trainer:
             TrainingError: non-finite losses in ``max_bad_steps`` consecutive steps (and other fatal states).
         """
         t0 = time.perf_counter()
+        self._take_lock()
         with self._lock:  # released however the run ends
             try:
                 if self.env.is_main:
@@ -391,19 +407,6 @@ class Trainer:
             "checkpoint": str(ckpts[-1]) if ckpts else None,
             "config": to_dict(self.cfg),
         }
-
-
-def _data_folders(cfg: Config) -> list[Path]:
-    """The dataset folders a run reads (``{split}`` patterns stand for their fixed part)."""
-    d = cfg.data
-    root = Path(d.root) if d.root else None
-    out = [root] if root is not None else []
-    for sub in (d.he_dir, d.ihc_dir):
-        if sub:
-            fixed = Path(sub.split("{", 1)[0]) if "{" in sub else Path(sub)
-            if str(fixed) not in ("", "."):
-                out.append(root / fixed if root is not None else fixed)
-    return out
 
 
 def train(cfg: Config, resume: Resume = "new", env: DistEnv | None = None) -> dict[str, Any]:

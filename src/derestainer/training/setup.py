@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -94,6 +95,16 @@ def build_data(tr: Trainer) -> None:
     src = val_set if val_set is not None else base
     n = min(tc.sample_count, len(src))  # type: ignore[arg-type]
     tr.sample_items = [src[i] for i in range(n)] if env.is_main and n > 0 else []
+
+
+def data_folders(tr: Trainer) -> list[Path]:
+    """The folders the run reads images from (training and validation splits), and its label CSV."""
+    folders: set[Path] = set()
+    for ds in (getattr(tr.train_set, "base", None), tr.val_set):
+        for pair in getattr(ds, "pairs", ()):
+            folders.update(Path(f).parent for f in pair[1:])
+    levels = [Path(tr.cfg.data.levels)] if tr.cfg.data.levels else []
+    return sorted(folders) + levels
 
 
 def make_loader(tr: Trainer) -> DataLoader:
