@@ -635,6 +635,7 @@ def _unwritable_cases(err: int, name: str) -> None:
         "synth": lambda w, o: (["synth", "--out", str(o), "--train", "1", "--test", "0", "--size", "32"], []),
         "benchmark": lambda w, o: (_bench(w, o), [o / "results.json"]),
         "demo": lambda w, o: (["demo", "--out", str(o), "--steps", "1"], []),
+        "bench": lambda w, o: (_speed("--json", str(o / "b.json")), [o / "b.json"]),
     }
     for cmd, build in builders.items():
         def _mku(cmd: str, build: Callable[[World, Path], tuple[list[str], list[Path]]]) -> None:
@@ -729,6 +730,24 @@ def _b3(w: World, t: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], Path, lis
 @case("checkpoint", "train-comparator-is-a-generator")
 def _b4(w: World, t: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], Path, list[Path]]:
     return _train(w, t / "run", "--set", f"train.comparator={w.model}"), w.model, [t / "run"]
+
+
+# The speed benchmark ------------------------------------------------------------------------------------
+def _speed(*extra: str) -> list[str]:
+    return ["bench", "--model", "tiny", "--quick", "--size", "32", "--device", "cpu", *extra]
+
+
+@case("config", "bench-model-yaml-malformed")
+def _s1(w: World, t: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], Path, list[Path]]:
+    bad = _bad_config(t, "wrong_type")
+    argv = _speed()
+    argv[argv.index("tiny")] = str(bad)
+    return argv, bad, []
+
+
+@case("config", "bench-set-unknown-key")
+def _s2(w: World, t: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], Path, list[Path]]:
+    return _speed("--set", "model.ngff=3"), Path("ngff"), []
 
 
 # A disk that fills up after the up-front checks (the lock was taken, work has begun) ------------------
@@ -835,6 +854,7 @@ LOCKED: dict[str, Callable[[World, Path], tuple[list[str], Path, bool]]] = {
                                 "--seeds", "0", "--base-config", "tiny", "--out", str(t / "out"), "--device", "cpu"],
                                t / "out", True),
     "demo": lambda w, t: (["demo", "--out", str(t / "out"), "--steps", "1"], t / "out", True),
+    "bench": lambda w, t: (_speed("--json", str(t / "b.json")), t / "b.json", False),
 }
 
 
@@ -891,4 +911,4 @@ def test_every_class_has_cases_for_the_commands_that_read_user_files() -> None:
     commands = {c.id.split("-")[0] if not c.id.startswith(("translate-slide", "train-classifier"))
                 else "-".join(c.id.split("-")[:2]) for c in CASES}
     assert {"translate", "translate-slide", "evaluate", "export", "train", "train-classifier", "separate",
-            "synth", "benchmark"} <= commands
+            "synth", "benchmark", "demo", "bench"} <= commands

@@ -320,7 +320,9 @@ def test_cli_errors_are_clean(tmp_path, rng):
 # Worker processes do not outlive a killed evaluation
 
 _POOL_SCRIPT = """
-import sys, time
+import signal, sys, time
+# as in a terminal: a job started in the background (e.g. CI under `cmd &`) inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from derestainer.evaluation.pool import PairTask, iterate_pairs
 
 def main():

@@ -5,6 +5,7 @@ The library side is :mod:`derestainer.speed`; ``derestainer benchmark`` (Table 1
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,6 +76,7 @@ def bench(model: str, base: str | None, size: int | None, batch: int, mode: Benc
 
         derestainer bench --model pix2pix --base tiny --mode train --loader both --size 256 --batch 4
     """
+    from derestainer.core.guard import output_lock
     from derestainer.core.io import write_json
     from derestainer.speed import BenchSpec, format_result, run_bench
 
@@ -91,16 +93,19 @@ def bench(model: str, base: str | None, size: int | None, batch: int, mode: Benc
         loader=loader, data=str(data) if data else None, source_size=source_size, workers=workers, cache=cache,
         comparator=comparator, threads=threads, overrides=overrides, seed=seed,
     )
-    try:
-        res = run_bench(spec, log=lambda s: click.echo(s, err=True), command=_command_line())
-    except DerestainerError:
-        raise  # the CLI group prints it
-    except (ValueError, FileNotFoundError) as exc:  # from torch or the fast path: still the user's input
-        raise fail(str(exc)) from None
-    click.echo(format_result(res))
-    if json_out is not None:
-        write_json(json_out, res)
-        click.echo(f"wrote {json_out}")
+    with contextlib.ExitStack() as stack:
+        if json_out is not None:  # locked (and so checked writable) before the measurement, not after it
+            stack.enter_context(output_lock(json_out, folder=False))
+        try:
+            res = run_bench(spec, log=lambda s: click.echo(s, err=True), command=_command_line())
+        except DerestainerError:
+            raise  # the CLI group prints it
+        except (ValueError, FileNotFoundError) as exc:  # from torch or the fast path: still the user's input
+            raise fail(str(exc)) from None
+        click.echo(format_result(res))
+        if json_out is not None:
+            write_json(json_out, res)
+            click.echo(f"wrote {json_out}")
 
 
 def _command_line() -> str:

@@ -1,24 +1,25 @@
 """Guarding a user's files: outputs never overlap inputs, one writer per output, and writes fail cleanly.
 
-Four rules every command that writes follows, before it starts any long work:
+Four rules every command that writes follows, before it starts any long work (docs/safety.md):
 
-1. **No overlap** (:func:`refuse_overlap`): an output file is never an input (by resolved path or
-   :func:`os.path.samefile`, so symlinks and hard links count), an output folder never holds an input
-   file, and output and input folders are never nested.
-2. **One writer** (:func:`output_lock`): an exclusive ``flock`` on a lock file — ``<folder>/.derestainer.lock``
-   for an output folder (a run folder, ``translate --out``, an evaluation report), ``.<name>.lock``
-   beside an output file (a slide's TIFF). A second job gets "locked by PID N on HOST since …". The
-   kernel drops the lock when the holder dies, so a killed job never leaves a stale lock behind.
+1. **No overlap** (:func:`refuse_overlap`): no output file is an input (by resolved path, or the same
+   file through a hard link) or lands where the command lists its inputs; a folder a command owns
+   (a run folder, a report folder) is not, holds no, and lies in no input.
+2. **One writer** (:func:`output_lock`): an exclusive, non-blocking ``flock`` on a lock file —
+   ``<folder>/.derestainer.lock`` for an output folder, a hidden lock file beside an output file. A
+   second job gets "locked by PID N on HOST since …". The kernel drops the lock when the holder dies,
+   so a killed job never leaves a lock behind (its file, if any, is taken over).
 3. **Writable first**: taking the lock creates and writes the lock file, so a read-only or full
    folder is reported, naming it, before anything is computed.
 4. **Complete or marked** (:func:`unfinished_until_done`): outputs made of several files keep one
-   record file (a summary, ``metrics.json``, ``predictions.json``) that is removed before the others
-   are rewritten and written last; until then a hidden ``.<record>.unfinished`` marker says that the
-   folder holds an unfinished run. A reader never mistakes a mix of two runs for a finished one.
+   record file (a summary, ``metrics.json``, ``predictions.json``) that is written last; from the
+   moment the first old file is replaced until then, the record is absent and a hidden
+   ``.<record>.unfinished`` marker says that the folder holds an unfinished run.
 
 Hand-written rather than the ``filelock`` package: that package is not a dependency, and the holder
-information (PID, host, start time, command) and the inode check after locking are what the messages
-and the tests rely on.
+information (PID, host, start time, command), the inode check after locking, taking over another
+user's stale lock file and going on (with a warning) where a file system cannot lock are what the
+messages, the docs and the tests rely on.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ log = logging.getLogger("derestainer")
 
 #: Lock file inside a locked output folder.
 LOCK_NAME = ".derestainer.lock"
+
 
 def _abs(p: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.fspath(p))).resolve(strict=False)
@@ -165,6 +167,8 @@ def _open_lock(lock: Path) -> int:
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     except PermissionError:
+        if not lock.exists():  # a read-only folder, not someone's lock file
+            raise
         return os.open(lock, os.O_RDONLY)
     with contextlib.suppress(OSError):  # anyone who may write the folder may take the lock after us
         os.fchmod(fd, 0o666)
