@@ -267,3 +267,9 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path: Path, monkeypat
         pass
     assert "does not lock files" in caplog.text and "No locks available" in caplog.text
     assert not (tmp_path / "o" / LOCK_NAME).exists()
+
+
+def test_an_output_that_is_an_input_is_named_as_such_before_any_folder_rule(tree: Path) -> None:
+    """``translate-slide slides/ --out slides/``: the message says the slide itself would be overwritten."""
+    with pytest.raises(OutputError, match=r"also an input \(.*a\.png\)"):
+        refuse_overlap([tree / "in", tree / "in" / "a.png"], out_files=[tree / "in" / "a.png"])

@@ -95,16 +95,14 @@ def refuse_overlap(inputs: Iterable[str | os.PathLike[str]], *, out_files: Itera
     by_key = {i.key: i for i in ins if i.key is not None and not i.is_dir}
     for o in (Path(p) for p in out_files):
         ao = _abs(o)
+        key = _file_key(ao)
+        twin = next((i for i in ins if ao == i.abs), None) or (by_key.get(key) if key is not None else None)
+        if twin is not None:  # the same path, or the same file by another path (a hard link)
+            raise OutputError(f"{o}: this output is also an input ({twin.path}); choose another output")
         for i in ins:
-            if ao == i.abs:
-                raise OutputError(f"{o}: this output is also an input ({i.path}); choose another output")
             if i.is_dir and (ao.parent == i.abs or (recursive and _within(ao, i.abs))):
                 raise OutputError(f"{o}: this output lies in the input folder {i.path}, where it would be read as "
                                   "an input; choose an output outside the inputs")
-        key = _file_key(ao)
-        twin = by_key.get(key) if key is not None else None  # a hard link (or another path) to an input file
-        if twin is not None:
-            raise OutputError(f"{o}: this output is also an input ({twin.path}); choose another output")
     for d in (Path(p) for p in out_dirs):
         ad = _abs(d)
         for i in ins:
