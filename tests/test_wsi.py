@@ -601,7 +601,6 @@ def test_a_failed_rerun_keeps_the_old_outputs_until_the_new_tiff_replaces_them(
     and summary as they were (no marker); a failure after the new TIFF replaced the old one removes the
     old summary and leaves the marker, so the mix is never taken for a finished run."""
     from derestainer.core.guard import unfinished_marker
-    from derestainer.inference import slide_outputs
 
     slide = write_slide(tmp_path / "s.tif", 200, 160, mpp=0.5, levels=1, tile=64)
     lm = load_model(make_model(tmp_path / "m.safetensors", mpp=0.5), "cpu", precision="fp32")
