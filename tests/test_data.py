@@ -393,7 +393,7 @@ def test_cache_decodes_once(tmp_path: Path, rng: np.random.Generator, monkeypatc
 def test_build_dataset(tmp_path: Path, rng: np.random.Generator) -> None:
     _bci(tmp_path / "bci", rng, n_train=4, n_test=2, size=64)
     cfg = DataConfig(root=str(tmp_path / "bci"), layout="bci", size=32, crop=16)
-    tr, te = build_dataset(cfg, "train"), build_dataset(cfg, cfg.val_split)
+    tr, te = build_dataset(cfg, "train"), build_dataset(cfg, "test")
     assert tr[0]["he"].shape == (3, 16, 16) and te[0]["he"].shape == (3, 32, 32)
     assert torch.equal(te[1]["he"], te[1]["he"])  # deterministic
     ref = resize_uint8(BCIDataset(tmp_path / "bci", "test")[1]["ihc"], (32, 32))

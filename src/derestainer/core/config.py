@@ -76,7 +76,9 @@ class DataConfig:
     he_dir: str = ""                    # for layout=folders
     ihc_dir: str = ""
     train_split: str = "train"
-    val_split: str = "test"
+    val_split: str = ""                 # "" = carve val_fraction of the training files; else a split (e.g. MIST's val)
+    val_fraction: float = 0.1           # with val_split "": training files held out for validation (0 = none)
+    val_seed: int = 0                   # seed of that hold-out (a seeded permutation of the names, not stratified)
     size: int = 512                     # training resolution (paper: 1024 → 512)
     crop: int = 0                       # random crop after resizing (0 = none)
     flip: bool = True
@@ -86,6 +88,10 @@ class DataConfig:
     cache: bool = False                 # keep decoded, resized uint8 pairs in memory
     levels: str = ""                    # layout=folders: CSV "name,level" (else BCI-style names, else -1)
     interpolation: str = "bilinear"     # resize filter: bilinear (antialiased) | area | bicubic | nearest
+
+
+#: ``train.lr_schedule`` values (training.schedule).
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,9 @@ class TrainConfig:
     val_max: int = 0                    # validation pairs per validation (0 = the whole held-out split)
     sample_count: int = 4               # rows of each sample grid (fixed held-out pairs)
     tensorboard: Switch = "auto"        # auto (if installed) | on | off; log.jsonl is always written
+    lr_schedule: str = "constant"       # constant | linear | cosine (decay to zero at train.steps), G and D
+    lr_decay_start: float = 0.0         # fraction of train.steps held at train.lr before the decay
+    warmup_steps: int = 0               # linear warm-up from 0 over this many steps (0 = none)
 
 
 @dataclass(frozen=True)
@@ -217,7 +226,8 @@ _COUNT_MODEL = ("n_head_down", "n_fusion_blocks", "h_embed_dim")
 
 
 def check_values(obj: Any, where: str = "") -> None:
-    """Raise :class:`ConfigError` for a value out of its range in a :class:`ModelConfig` or :class:`DataConfig`.
+    """Raise :class:`ConfigError` for a value out of its range in a :class:`ModelConfig`, :class:`DataConfig`
+    or :class:`TrainConfig` (its learning-rate schedule keys).
 
     Model widths and block counts, ``n_levels ≥ 2``, ``encoder_input`` one of :data:`ENCODER_INPUTS`;
     ``data.size ≥ 1`` and ``data.mpp`` a positive finite number. Other config classes pass unchecked.
@@ -235,11 +245,20 @@ def check_values(obj: Any, where: str = "") -> None:
             raise ConfigError(f"{where}encoder_input: expected one of {', '.join(ENCODER_INPUTS)}, got {obj.encoder_input!r}")
         if not obj.name:
             raise ConfigError(f"{where}name: expected a model name, got {obj.name!r}")
+    elif isinstance(obj, TrainConfig):
+        if obj.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"{where}lr_schedule: expected one of {', '.join(LR_SCHEDULES)}, got {obj.lr_schedule!r}")
+        if not 0.0 <= obj.lr_decay_start <= 1.0:
+            raise ConfigError(f"{where}lr_decay_start: expected a fraction of train.steps in [0, 1], got {obj.lr_decay_start!r}")
+        if obj.warmup_steps < 0:
+            raise ConfigError(f"{where}warmup_steps: expected an integer ≥ 0, got {obj.warmup_steps!r}")
     elif isinstance(obj, DataConfig):
         if obj.size < 1:
             raise ConfigError(f"{where}size: expected an image size ≥ 1 px, got {obj.size!r}")
         if not math.isfinite(obj.mpp) or obj.mpp <= 0:
             raise ConfigError(f"{where}mpp: expected a positive number of µm per pixel, got {obj.mpp!r}")
+        if not 0.0 <= obj.val_fraction < 1.0:
+            raise ConfigError(f"{where}val_fraction: expected a fraction of the training files in [0, 1), got {obj.val_fraction!r}")
 
 
 def _deep_merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:

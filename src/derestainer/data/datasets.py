@@ -141,6 +141,13 @@ class PairedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def subset(self, indices: Sequence[int]) -> PairedImageDataset:
+        """A dataset of the pairs at ``indices`` (same transform and cache setting, what is cached kept)."""
+        sub = PairedImageDataset([self.pairs[i] for i in indices], [self.levels[i] for i in indices],
+                                 transform=self.transform, cache=self.cache)
+        sub._cache = {k: self._cache[i] for k, i in enumerate(indices) if i in self._cache}  # keep a preloaded cache
+        return sub
+
     def load_pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode pair ``index`` as ``uint8 [3,H,W]`` tensors, no transform. Raises ImageReadError or
         PairSizeError naming the file(s)."""

@@ -17,7 +17,8 @@ step                          what it does                                      
                               are not run
 ``precision``                 ``fp32`` | ``bf16`` autocast | ``auto``                     bf16: ~1e-2 (model space)
                               (:mod:`.precision`: bf16 on CUDA and on CPUs with
-                              native bf16, else fp32); stain separation stays fp32
+                              native bf16, else fp32); the stain separation computes
+                              in fp32 by itself (models.destainer.StainSeparation)
 ``compile``                   ``torch.compile`` of the whole forward (off by default)     fp32 rounding
 ============================  =========================================================  ==============================
 
@@ -173,32 +174,6 @@ def set_modconv_mode(module: nn.Module, mode: ModconvMode) -> int:
     return n
 
 
-class FP32Island(nn.Module):
-    """Runs ``module`` in fp32 with autocast off, whatever the caller's precision.
-
-    For the stain separation: ``exp(−13.8·hed @ M)`` amplifies bf16's 0.4 % rounding of the
-    concentrations to several percent in the H-channel image, at a negligible cost saved.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.inner = module
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return self.inner(x.float(), *args, **kwargs)
-
-
-def keep_fp32(model: nn.Module, kinds: tuple[str, ...] = ("StainSeparation",)) -> list[str]:
-    """Wrap every submodule whose class name is in ``kinds`` in an :class:`FP32Island`; returns their names."""
-    targets = [(name, m) for name, m in model.named_modules() if type(m).__name__ in kinds and name]
-    for name, m in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, FP32Island(m))
-    return [name for name, _ in targets]
-
-
 class _Skipped(nn.Module):
     """Stands in for a head whose output inference does not use; returns None."""
 
@@ -313,8 +288,6 @@ def optimize_for_inference(
     report["modconv"] = set_modconv_mode(m, opts.modconv)
     if opts.skip_unused:
         report["skipped"] = skip_training_heads(m)
-    if fast_precision(dev, opts.precision) == "bf16":
-        report["fp32_islands"] = keep_fp32(m)
     if opts.channels_last:
         m = m.to(memory_format=torch.channels_last)
     return InferenceModel(m, opts, dev, report)

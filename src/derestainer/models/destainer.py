@@ -18,6 +18,7 @@ from derestainer.core.errors import ConfigError
 from derestainer.core.ranges import signed_to_unit, unit_to_signed
 from derestainer.layers.blocks import ConvNormAct, DownBlock
 from derestainer.stain import RGB_FROM_HED, stain_channel, stain_matrix_from_vectors
+from derestainer.stain.functional import compute_dtype, no_autocast
 
 #: Maximum condition number of a stain matrix: beyond it its inverse turns rounding noise into stain.
 MAX_STAIN_CONDITION = 1e6
@@ -96,6 +97,10 @@ class StainSeparation(nn.Module):
 
     The stain matrix is a pair of buffers, so it is saved and loaded with the weights.
 
+    Always computed in float32 with autocast off, whatever the caller's precision, and returned in
+    float32 (float64 for a float64 input; see :mod:`derestainer.stain.functional`): training under
+    bf16 autocast and inference share one rule, and a following conv under autocast casts as it needs.
+
     Shapes: ``forward(x [N, 3, H, W] in [-1, 1], stain) -> [N, 3, H, W] in [-1, 1]``.
     """
 
@@ -107,8 +112,10 @@ class StainSeparation(nn.Module):
         self.register_buffer("hed_from_rgb", torch.tensor(np.linalg.inv(m), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, stain: str = "h") -> torch.Tensor:
-        y = stain_channel(signed_to_unit(x), stain, rgb_from_hed=self.rgb_from_hed, hed_from_rgb=self.hed_from_rgb)
-        return unit_to_signed(y)
+        with no_autocast(x):  # the model-space maps too, in fp32
+            x = x.to(compute_dtype(x))
+            y = stain_channel(signed_to_unit(x), stain, rgb_from_hed=self.rgb_from_hed, hed_from_rgb=self.hed_from_rgb)
+            return unit_to_signed(y)
 
 
 class DeStainer(nn.Module):

@@ -1,7 +1,10 @@
 """Differentiable Ruifrok–Johnston colour deconvolution in pure torch (paper eq. 1–2; docs/method.md, “Stain separation”).
 
 All functions take ``[N, 3, H, W]`` (or ``[3, H, W]``) RGB in ``[0, 1]`` on any device and float
-dtype, and are differentiable with finite gradients everywhere, including pure white, pure black
+dtype. They always compute in float32 (float64 for a float64 input) with autocast disabled, and
+return that dtype: under bf16 autocast or for a bf16 input, ``exp(−13.8·hed @ M)`` would amplify
+bf16's 0.4 % rounding to several grey levels, so training, inference and metrics share one
+fp32 rule (docs/method.md, “Stain separation”). They are differentiable with finite gradients everywhere, including pure white, pure black
 and saturated pixels (the logarithm's argument is clamped at ``EPS`` and clamps have zero,
 not infinite, gradient outside their range).
 
@@ -11,12 +14,27 @@ its inverse. Defaults are Ruifrok's, identical to scikit-image.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from derestainer.stain.matrices import EPS, HED_FROM_RGB, LOG_ADJUST, RGB_FROM_HED, stain_index
 
 Matrix = "torch.Tensor | np.ndarray | None"
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the stain code computes (and returns) in for input ``x``: float64 stays, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast off on ``x``'s device (nothing to turn off where that device type has no autocast, e.g. meta)."""
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if available(x.device.type) if available is not None else x.device.type in ("cuda", "cpu", "xpu", "mps"):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _as_matrix(m: torch.Tensor | np.ndarray | None, default: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -50,6 +68,11 @@ def rgb_to_hed(rgb: torch.Tensor, hed_from_rgb: torch.Tensor | np.ndarray | None
     if not rgb.is_floating_point():
         raise TypeError("rgb_to_hed expects a float tensor in [0, 1]; convert uint8 with x.float() / 255")
     _channels_last(rgb)  # shape check
+    with no_autocast(rgb):
+        return _rgb_to_hed(rgb.to(compute_dtype(rgb)), hed_from_rgb)
+
+
+def _rgb_to_hed(rgb: torch.Tensor, hed_from_rgb: torch.Tensor | np.ndarray | None) -> torch.Tensor:
     m = _as_matrix(hed_from_rgb, HED_FROM_RGB, rgb)
     od = torch.log(rgb.clamp_min(EPS)) / LOG_ADJUST
     return _matmul(od, m).clamp_min(0.0)
@@ -65,6 +88,11 @@ def hed_to_rgb(hed: torch.Tensor, rgb_from_hed: torch.Tensor | np.ndarray | None
         RGB in ``[0, 1]``, same shape.
     """
     _channels_last(hed)
+    with no_autocast(hed):
+        return _hed_to_rgb(hed.to(compute_dtype(hed)), rgb_from_hed)
+
+
+def _hed_to_rgb(hed: torch.Tensor, rgb_from_hed: torch.Tensor | np.ndarray | None) -> torch.Tensor:
     m = _as_matrix(rgb_from_hed, RGB_FROM_HED, hed)
     log_rgb = _matmul(hed * LOG_ADJUST, m)  # = -(hed * -log(EPS)) @ m
     return torch.exp(log_rgb).clamp(0.0, 1.0)
@@ -92,7 +120,8 @@ def stain_channel(
         m = rgb_from_hed if isinstance(rgb_from_hed, torch.Tensor) else torch.from_numpy(np.asarray(rgb_from_hed))
         hed_from_rgb = torch.linalg.inv(m.to(torch.float64))
     hed = rgb_to_hed(rgb, hed_from_rgb)
-    return hed_to_rgb(project_hed(hed, stain), rgb_from_hed)
+    with no_autocast(hed):
+        return _hed_to_rgb(project_hed(hed, stain), rgb_from_hed)
 
 
 def stain_channels(
@@ -106,9 +135,11 @@ def stain_channels(
         m = rgb_from_hed if isinstance(rgb_from_hed, torch.Tensor) else torch.from_numpy(np.asarray(rgb_from_hed))
         hed_from_rgb = torch.linalg.inv(m.to(torch.float64))
     hed = rgb_to_hed(rgb, hed_from_rgb)
-    return {s: hed_to_rgb(project_hed(hed, s), rgb_from_hed) for s in stains}
+    with no_autocast(hed):
+        return {s: _hed_to_rgb(project_hed(hed, s), rgb_from_hed) for s in stains}
 
 
 def od(rgb: torch.Tensor) -> torch.Tensor:
     """Optical density in scikit-image's normalisation, ``log(max(rgb, EPS)) / log(EPS)`` (0 = white)."""
-    return torch.log(rgb.clamp_min(EPS)) / LOG_ADJUST
+    with no_autocast(rgb):
+        return torch.log(rgb.to(compute_dtype(rgb)).clamp_min(EPS)) / LOG_ADJUST

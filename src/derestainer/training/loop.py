@@ -17,7 +17,10 @@ What makes a run resumable exactly (``deterministic=True`` and the same number o
 order is a permutation seeded by ``(seed, epoch)`` and sharded by rank; the augmentation of each
 item is drawn from a generator seeded by ``(seed, epoch, index)`` (so it does not depend on the
 number of DataLoader workers nor on where a run was interrupted); checkpoints record the epoch and
-the micro-batches already consumed in it, which a resumed run skips.
+the micro-batches already consumed in it, which a resumed run skips. The learning rate of step ``k``
+is a function of ``k`` and the config (:mod:`.schedule`), and the validation files held out of the
+training split are a function of the file names and ``data.val_seed`` (:func:`.setup.holdout_split`),
+so neither depends on whether the run was resumed.
 
 No host–device synchronisation happens inside a step: loss terms stay on the device and are summed
 there; a non-finite loss skips the optimizer update through fused AdamW's ``found_inf`` input (the
@@ -64,6 +67,7 @@ from derestainer.training.distributed import (
 from derestainer.training.logging import RunLogger
 from derestainer.training.resume import Resume, ResumeMode
 from derestainer.training.sampling import EpochSampler, SeededPairs
+from derestainer.training.schedule import apply_lr
 from derestainer.training.state import TrainState
 
 __all__ = ["Resume", "ResumeMode", "Trainer", "train"]
@@ -118,6 +122,7 @@ class Trainer:
     sampler: EpochSampler
     batches_per_epoch: int
     val_set: Dataset | None
+    val_files: list[str] | None  # names held out of the training split (data.val_fraction), or None
     sample_items: list[dict[str, Any]]
 
     def __init__(self, cfg: Config, resume: Resume = "new", env: DistEnv | None = None) -> None:
@@ -176,6 +181,8 @@ class Trainer:
             refuse_overlap(setup.data_folders(self), own_dirs=[self.run_dir])
         self.logger = RunLogger(self.run_dir, enabled=self.env.is_main, total=tc.steps, initial=self.state.step,
                                 tensorboard=tc.tensorboard)
+        if self.env.is_main and self.val_files is not None:  # so that a reader can reproduce the split
+            write_text(self.run_dir / setup.VAL_FILES, "".join(f"{name}\n" for name in self.val_files))
         for msg in self._pending:
             self.logger.write({"kind": "event", "step": self.state.step, "event": "warning", "message": msg})
         self._pending.clear()
@@ -270,6 +277,7 @@ class Trainer:
             tensors; ``d`` is the discriminator loss, the others as :func:`generator_losses` names
             them), the step's 0-dim bool "skipped" flag, and per term a 0-dim bool "non-finite" flag.
         """
+        apply_lr(self.cfg.train, self.state.step, self.opt_g, self.opt_d)  # a function of the step: resume-exact
         return step.train_step(self, micro_batches)
 
     def evaluate(self, max_items: int = 0) -> dict[str, Any]:
@@ -391,6 +399,12 @@ class Trainer:
             shown = " ".join(f"{k}={v:.4g}" for k, v in main.items())
             lg.echo(f"step {st.step}/{tc.steps} epoch {st.epoch} {shown} ({rate:.2f} step/s)")
 
+    def _validation_source(self) -> dict[str, Any]:
+        """Where validation pairs come from: the held-out training files (listed in val_files.txt) or a split."""
+        if self.val_files is not None:
+            return {"held_out_of": self.cfg.data.train_split, "files": len(self.val_files), "list": setup.VAL_FILES}
+        return {"split": self.cfg.data.val_split or None, "pairs": len(self.val_set) if self.val_set is not None else 0}  # type: ignore[arg-type]
+
     def _summary(self, seconds: float) -> dict[str, Any]:
         st = self.state
         ckpts = list_checkpoints(self.run_dir) if self.env.is_main else []
@@ -402,6 +416,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "losses": self.last_terms,
             "validation": self.last_val,
+            "validation_set": self._validation_source(),
             "best": {"metric": self.cfg.train.best_metric, "value": st.best_value, "step": st.best_step},
             "skipped_steps": st.skipped_steps,
             "checkpoint": str(ckpts[-1]) if ckpts else None,
