@@ -197,8 +197,22 @@ def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
 
 def test_end_to_end_writes_table_figure_json(real_run: tuple[Path, dict]) -> None:
     out, results = real_run
-    assert [(r["model"], r["seed"]) for r in results["runs"]] == [("derestainer", 0), ("pix2pix", 0)]
-    for r in results["runs"]:
+    assert [(r["model"], r["seed"]) for r in results["runs"]] == [
+        ("derestainer", 0), ("pix2pix", 0), ("floor-median", 0), ("floor-hematoxylin", 0)]
+    floors = [r for r in results["runs"] if r.get("floor")]
+    for r in floors:  # floors: no training, evaluated like a model, shown in the table
+        assert r["generator_params"] == 0 and r["metrics"]["n_images"] == 8
+        assert len(r["per_image"]["ssim"]) == 8 and (out / "floors" / r["floor"]["kind"] / "done.json").is_file()
+    from derestainer.core.io import read_image
+
+    one = read_image(sorted((out / "floors" / "median" / "pred").glob("*.png"))[0])
+    assert (one == np.asarray(floors[0]["floor"]["colour"], dtype=np.uint8)).all()
+    c = results["comparisons"]
+    assert c["reference"] == "derestainer" and set(c["differences"]) == {"pix2pix", "floor-median", "floor-hematoxylin"}
+    d = c["differences"]["pix2pix"]["ssim"]
+    assert d["ci_low"] <= d["estimate"] <= d["ci_high"]
+    assert d["estimate"] == pytest.approx(results["runs"][1]["metrics"]["ssim"] - results["runs"][0]["metrics"]["ssim"])
+    for r in results["runs"][:2]:
         m = r["metrics"]
         assert m["n_images"] == 8 and -1 <= m["ssim"] <= 1 and math.isfinite(m["psnr"])
         assert 0 <= m["top1"] <= m["top3"] <= m["top5"] <= 1 and 0 <= m["knn"] <= 1
@@ -221,12 +235,13 @@ def test_end_to_end_writes_table_figure_json(real_run: tuple[Path, dict]) -> Non
     assert on_disk["summary"]["pix2pix"]["ssim"]["mean"] == pytest.approx(results["runs"][1]["metrics"]["ssim"])
     table = (out / "table.md").read_text()
     assert "| derestainer |" in table and "| pix2pix |" in table and "The paper's numbers" in table
+    assert "| floor-median (no training) |" in table and "smallest detectable Δ" in table
+    assert "Paired differences from `derestainer`" in table
     assert f"{results['runs'][1]['metrics']['ssim']:.3f}" in table
     from derestainer.models.registry import create_generator
 
     g = create_generator(bm.model_config("pix2pix", "tiny").model)
     assert results["runs"][1]["generator_params"] == sum(p.numel() for p in g.parameters())
-    from derestainer.core.io import read_image
 
     fig = read_image(out / "figure.png")
     assert fig.ndim == 3 and fig.shape[0] > fig.shape[1] / 2  # 4 rows (levels) × 4 columns
@@ -261,7 +276,7 @@ def test_new_evaluator_reevaluates_without_retraining(
     # another evaluator: the benchmark's comparator (a different classifier) given as --evaluator
     other = out / "classifiers" / "comparator.safetensors"
     res = bm.run_benchmark(_spec(synth, out, models=("pix2pix",), evaluator=other), log=lambda m: None)
-    (run,) = res["runs"]
+    (run,) = [r for r in res["runs"] if not r.get("floor")]
     assert run["train_seconds"] == first["runs"][1]["train_seconds"]
     assert run["metrics"]["ssim"] == pytest.approx(first["runs"][1]["metrics"]["ssim"])  # same images
     assert res["classifiers"]["evaluator"] == {"path": str(other), "trained_by_benchmark": False,
@@ -309,16 +324,16 @@ def test_seeds_give_mean_and_std(synth: Path, tmp_path: Path, monkeypatch: pytes
         for p in he_dir.iterdir():
             shutil.copy(p, out_dir / p.name)
 
-    def fake_eval(pred_dir, gt_dir, evaluator, out_dir, device, workers, log, comparator=None):
+    def fake_eval(pred_dir, gt_dir, evaluator, out_dir, device, workers, log, comparator=None, method=None, bootstrap=2000):
         seed = int(pred_dir.parent.name.removeprefix("seed"))
-        return {"ssim": 0.5 + 0.1 * seed, "psnr": 20.0, "top1": 0.25}
+        return {"ssim": 0.5 + 0.1 * seed, "psnr": 20.0, "top1": 0.25}, {}
 
     monkeypatch.setattr(stages, "train_generator", fake_train)
     monkeypatch.setattr(stages, "translate_split", fake_translate)
     monkeypatch.setattr(stages, "evaluate_predictions", fake_eval)
     ev = _classifier_file(tmp_path / "ev.safetensors", seed=1)  # only read when the evaluate stage is stubbed
-    res = bm.run_benchmark(_spec(synth, tmp_path / "o", models=("pyramidpix2pix",), seeds=(0, 1, 2), evaluator=ev),
-                           log=lambda m: None)
+    res = bm.run_benchmark(_spec(synth, tmp_path / "o", models=("pyramidpix2pix",), seeds=(0, 1, 2), evaluator=ev,
+                                 floors=False), log=lambda m: None)
     s = res["summary"]["pyramidpix2pix"]["ssim"]
     assert s["values"] == pytest.approx([0.5, 0.6, 0.7]) and s["std"] == pytest.approx(0.1)
     assert "0.600 ± 0.100" in (tmp_path / "o" / "table.md").read_text()
@@ -340,9 +355,9 @@ def _stub_stages(monkeypatch: pytest.MonkeyPatch, evals: list[dict]) -> None:
         for p in he_dir.iterdir():
             shutil.copy(p, out_dir / p.name)
 
-    def fake_eval(pred_dir, gt_dir, evaluator, out_dir, device, workers, log, comparator=None):
+    def fake_eval(pred_dir, gt_dir, evaluator, out_dir, device, workers, log, comparator=None, method=None, bootstrap=2000):
         evals.append({"model": pred_dir.parent.parent.name, "evaluator": evaluator, "comparator": comparator})
-        return {"ssim": 0.5}
+        return {"ssim": 0.5}, {}
 
     monkeypatch.setattr(stages, "train_generator", fake_train)
     monkeypatch.setattr(stages, "translate_split", fake_translate)
@@ -366,7 +381,7 @@ def test_evaluation_gets_the_comparator_for_independence_checks(
     from types import SimpleNamespace
 
     seen: dict = {}
-    monkeypatch.setattr(stages, "evaluate", lambda *a, **k: seen.update(k) or SimpleNamespace(metrics={"n_images": 1}))
+    monkeypatch.setattr(stages, "evaluate", lambda *a, **k: seen.update(k) or SimpleNamespace(metrics={"n_images": 1}, vectors={}, pairs=[]))
     monkeypatch.setattr(stages, "write_report", lambda *a, **k: None)
     real_evaluate(tmp_path, tmp_path, ev, tmp_path / "eval", "cpu", 1, lambda m: None, comparator=cmp)
     assert seen["comparator"] == str(cmp) and seen["classifier"] == str(ev)

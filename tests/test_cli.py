@@ -11,7 +11,7 @@ from derestainer.cli import main
 from derestainer.core.version import __version__
 
 EXPECTED = {"demo", "synth", "separate", "train-classifier", "train", "export", "translate", "translate-slide",
-            "evaluate", "benchmark", "bench"}
+            "evaluate", "floor", "benchmark", "bench"}
 
 
 def test_every_sub_command_is_listed_with_one_whole_line() -> None:

@@ -17,6 +17,11 @@ from derestainer.core.fileformat import load_tensors
 from derestainer.core.io import list_images
 from derestainer.inference.folders import collect_inputs
 
+#: Version of the evaluation protocol a record was made with; part of the evaluation fingerprint, so that
+#: records of an older protocol are evaluated again (not retrained). 2: predictions kept at the model's size
+#: and resized by the evaluation (bicubic), per-image vectors kept for the paired comparisons.
+EVAL_PROTOCOL = 2
+
 MARKER = "done.json"  # a (model, seed) translated and evaluated: its record
 TRAINED_MARKER = "trained.json"  # its generator trained (so a failed evaluation does not cost a retraining)
 
@@ -51,7 +56,7 @@ def run_fingerprints(cfg_d: dict[str, Any], comparator_digest: str | None, evalu
     portable = {**cfg_d, "data": {**cfg_d["data"], "root": ""},
                 "train": {**cfg_d["train"], "out": "", "comparator": "", "device": ""}}
     train_fp = fingerprint({"config": portable, "comparator": comparator_digest, "data": data_id})
-    eval_fp = fingerprint({"evaluator": evaluator_digest, "data": data_id})
+    eval_fp = fingerprint({"evaluator": evaluator_digest, "data": data_id, "protocol": EVAL_PROTOCOL})
     return train_fp, eval_fp
 
 
@@ -62,8 +67,16 @@ def generator_params(path: Path) -> int:
 
 
 def pred_complete(he_dir: Path, pred_dir: Path) -> bool:
-    """Whether ``pred_dir`` holds the translation of every image of ``he_dir`` (as the translate stage names them)."""
-    if not pred_dir.is_dir():
+    """Whether ``pred_dir`` holds the translation of every image of ``he_dir`` (as the translate stage names
+    them), made as the translate stage makes them now (``predictions.json → output``: at the model's size)."""
+    record = pred_dir / "predictions.json"
+    if not record.is_file():
+        return False
+    try:
+        output = json.loads(record.read_text()).get("output") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(output, dict) or output.get("output_size") != "model":
         return False
     return all((pred_dir / j.rel).is_file() for j in collect_inputs([he_dir], recursive=False))
 

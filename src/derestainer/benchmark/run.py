@@ -17,9 +17,11 @@ from derestainer.benchmark import stages
 from derestainer.benchmark.classifiers import ensure_classifiers
 from derestainer.benchmark.figure import make_figure
 from derestainer.benchmark.records import (
+    EVAL_PROTOCOL,
     MARKER,
     TRAINED_MARKER,
     data_digest,
+    fingerprint,
     generator_params,
     pred_complete,
     run_fingerprints,
@@ -34,12 +36,13 @@ from derestainer.benchmark.spec import (
     slug,
     split_target,
 )
-from derestainer.benchmark.stats import summarize
+from derestainer.benchmark.stats import comparisons, summarize
 from derestainer.benchmark.tables import format_report
 from derestainer.core.config import Config, to_dict
 from derestainer.core.errors import BenchmarkError
 from derestainer.core.guard import output_lock, refuse_overlap, unfinished_until_done
 from derestainer.core.io import jsonable, write_json, write_text
+from derestainer.evaluation.floors import FLOOR_KINDS, FLOOR_VERSION
 from derestainer.models.registry import list_generators
 
 Log = Callable[[str], None]
@@ -85,9 +88,9 @@ def run_one(
         log(f"{tag} translating {dirs['he_test']}")
         stages.translate_split(gen_path, dirs["he_test"], pred_dir, cfg.train.batch_size, spec.device, log)
     log(f"{tag} evaluating")
-    metrics = stages.evaluate_predictions(
+    metrics, vectors = stages.evaluate_predictions(
         pred_dir, dirs["ihc_test"], Path(classifiers["evaluator"]["path"]), folder / "eval", spec.device,
-        spec.eval_workers, log, comparator=comparator if cfg.train.comparator else None)
+        spec.eval_workers, log, comparator=comparator if cfg.train.comparator else None, bootstrap=spec.bootstrap)
     record = {
         "model": model,
         "seed": seed,
@@ -98,10 +101,43 @@ def run_one(
         "eval_seconds": round(time.time() - t1, 1),
         "generator_params": generator_params(gen_path),
         "metrics": jsonable(metrics),
+        "per_image": jsonable(vectors),
         "config": cfg_d,
         "pred_dir": str(pred_dir.relative_to(spec.out)),
     }
     write_json(marker, record)  # written last, atomically: its presence means the run is complete
+    return {**record, "skipped": False}
+
+
+def floor_name(kind: str) -> str:
+    """The row name of a floor in the tables (cannot clash with a preset or a YAML file's slug)."""
+    return f"floor-{kind}"
+
+
+def run_floor(spec: BenchmarkSpec, kind: str, dirs: dict[str, Path], classifiers: dict[str, dict[str, Any]],
+              log: Log, data_id: str) -> dict[str, Any]:
+    """Write and evaluate one floor (no training), or return its finished record."""
+    folder = spec.out / "floors" / kind
+    eval_fp = fingerprint({"floor": kind, "evaluator": classifiers["evaluator"]["digest"], "data": data_id,
+                           "protocol": EVAL_PROTOCOL, "recipe": FLOOR_VERSION})
+    marker = folder / MARKER
+    tag = f"[{floor_name(kind)}]"
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        if record.get("eval_fingerprint") == eval_fp:
+            log(f"{tag} done before: skipped")
+            return {**record, "skipped": True}
+    log(f"{tag} writing the floor images and evaluating them")
+    t0 = time.time()
+    floor = stages.write_floor(kind, dirs["he_test"], folder / "pred", dirs["ihc_train"], dirs["he_train"])
+    metrics, vectors = stages.evaluate_predictions(
+        folder / "pred", dirs["ihc_test"], Path(classifiers["evaluator"]["path"]), folder / "eval", spec.device,
+        spec.eval_workers, log, method=floor_name(kind), bootstrap=spec.bootstrap)
+    record = {"model": floor_name(kind), "seed": 0, "floor": jsonable(floor), "eval_fingerprint": eval_fp,
+              "train_seconds": 0.0, "eval_seconds": round(time.time() - t0, 1), "generator_params": 0,
+              "metrics": jsonable(metrics), "per_image": jsonable(vectors),
+              "pred_dir": str((folder / "pred").relative_to(spec.out))}
+    write_json(marker, record)
     return {**record, "skipped": False}
 
 
@@ -142,6 +178,10 @@ def _check_spec(spec: BenchmarkSpec) -> None:
         raise BenchmarkError(f"models listed twice: {sorted({m for m in spec.models if spec.models.count(m) > 1})}")
     if len({slug(m) for m in spec.models}) != len(spec.models):
         raise BenchmarkError("two models map to the same run folder name; rename one YAML file")
+    if spec.reference is not None and spec.reference not in spec.models:
+        raise BenchmarkError(f"--reference {spec.reference!r} is not in --models")
+    if spec.bootstrap < 0 or spec.bootstrap == 1:
+        raise BenchmarkError(f"--bootstrap must be 0 (none) or at least 2, got {spec.bootstrap}")
     if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
         raise BenchmarkError(f"seeds must be distinct and at least one: {list(spec.seeds)}")
     for item in spec.overrides:
@@ -183,13 +223,19 @@ def _run_all(spec: BenchmarkSpec, dirs: Any, cfgs: dict[str, Config], log: Log) 
     classifiers = ensure_classifiers(spec, any(needs_comparator(c) for c in cfgs.values()), data_id, log)
 
     runs = [run_one(spec, m, s, dirs, classifiers, log, data_id=data_id) for m in spec.models for s in spec.seeds]
-    summary = summarize(runs, spec.models)
+    floors = [floor_name(k) for k in FLOOR_KINDS] if spec.floors else []
+    runs += [run_floor(spec, k, dirs, classifiers, log, data_id) for k in FLOOR_KINDS if spec.floors]
+    rows = [*spec.models, *floors]
+    summary = summarize(runs, rows)
+    compared = (comparisons(runs, rows, spec.reference_model, b=spec.bootstrap, floors=floors)
+                if spec.bootstrap else None)
     results = {
         "kind": "derestainer-benchmark",
         "spec": jsonable(spec),
         "classifiers": classifiers,
         "runs": [{k: v for k, v in r.items() if k != "skipped"} for r in runs],
         "summary": summary,
+        "comparisons": jsonable(compared),
     }
     with unfinished_until_done(spec.out / "results.json"):  # results.json last: the record of a whole table
         fig = None
@@ -197,7 +243,8 @@ def _run_all(spec: BenchmarkSpec, dirs: Any, cfgs: dict[str, Config], log: Log) 
             fig = make_figure(spec, dirs, spec.out / "figure.png")
         except (OSError, ValueError) as exc:  # a figure must not cost the numbers
             log(f"figure not written: {exc}")
-        write_text(spec.out / "table.md", format_report(summary, spec, classifiers, figure=fig, runs=runs))
+        write_text(spec.out / "table.md", format_report(summary, spec, classifiers, figure=fig, runs=runs,
+                                                        comparisons=compared))
         write_json(spec.out / "results.json", results)
     log(f"wrote {spec.out / 'results.json'}, {spec.out / 'table.md'}" + (f", {fig}" if fig else ""))
     return results

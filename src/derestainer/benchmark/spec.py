@@ -50,6 +50,10 @@ class BenchmarkSpec:
         classifier_arch, classifier_steps, classifier_size: for classifiers trained here.
         device: ``auto`` | ``cpu`` | ``cuda``.
         eval_workers: processes for the per-image evaluation (None: all cores).
+        reference: the model every other is compared with, image by image (None: ``derestainer`` when
+            benchmarked, else the first model).
+        floors: also score the floor rows (no training: :data:`derestainer.evaluation.floors.FLOOR_KINDS`).
+        bootstrap: resamples for the intervals and paired differences.
     """
 
     data: Path
@@ -68,6 +72,16 @@ class BenchmarkSpec:
     classifier_size: int | None = None
     device: str = "auto"
     eval_workers: int | None = None
+    reference: str | None = None
+    floors: bool = True
+    bootstrap: int = 2000
+
+    @property
+    def reference_model(self) -> str:
+        """The model the paired differences are taken against."""
+        if self.reference is not None:
+            return self.reference
+        return "derestainer" if "derestainer" in self.models else self.models[0]
 
 
 @contextmanager

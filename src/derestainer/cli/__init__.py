@@ -53,6 +53,7 @@ def _register() -> None:
         demo,
         evaluate,
         export,
+        floor,
         separate,
         synth,
         train,
@@ -71,6 +72,7 @@ def _register() -> None:
         translate.translate,
         translate_slide.translate_slide,
         evaluate.evaluate,
+        floor.floor,
         benchmark.benchmark,
         bench.bench,
     ):

@@ -49,14 +49,21 @@ def _int_list(value: str, what: str) -> tuple[int, ...]:
 @click.option("--set", "overrides", multiple=True, metavar="[MODEL:]SECTION.KEY=VALUE",
               help="Config override for every model, or for one with a MODEL: prefix (repeatable), "
                    "e.g. --set train.lr=1e-4 --set pix2pix:model.ngf=16.")
+@click.option("--reference", default=None,
+              help="Model every other is compared with, image by image.  [default: derestainer if listed, else the first]")
+@click.option("--floors/--no-floors", default=True, show_default=True,
+              help="Also score the floor rows (median training colour; H&E haematoxylin without DAB): no training.")
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="Bootstrap resamples for the confidence intervals and paired differences (0: none).")
 def benchmark(
     data: Path, models: str, steps: int, size: int | None, batch_size: int | None, seeds: str, base_config: str,
     comparator: Path | None, evaluator: Path | None, classifier_arch: str, classifier_steps: int, device: str,
-    eval_workers: int | None, out: Path, overrides: tuple[str, ...],
+    eval_workers: int | None, out: Path, overrides: tuple[str, ...], reference: str | None, floors: bool, n_boot: int,
 ) -> None:
     """Train every model of --models with the same steps, batch, resolution and seeds, translate the
-    test split, evaluate it, and write OUT/table.md (Table 1 layout, mean ± std over seeds, the paper's
-    numbers beside), OUT/figure.png (Fig. 3 layout) and OUT/results.json. Rerunning skips finished runs.
+    test split, evaluate it, and write OUT/table.md (Table 1 layout: mean ± std over seeds with 95 %
+    confidence intervals, the paired differences from --reference, the floor rows, the paper's numbers
+    beside), OUT/figure.png (Fig. 3 layout) and OUT/results.json. Rerunning skips finished runs.
     """
     from derestainer.benchmark import BenchmarkSpec, run_benchmark
 
@@ -76,6 +83,9 @@ def benchmark(
         classifier_steps=classifier_steps,
         device=device,
         eval_workers=eval_workers,
+        reference=reference,
+        floors=floors,
+        bootstrap=n_boot,
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the trainer's progress lines
     run_benchmark(spec, log=lambda msg: click.echo(msg, err=True))  # a DerestainerError: printed by the CLI group

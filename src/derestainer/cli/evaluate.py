@@ -36,19 +36,25 @@ if TYPE_CHECKING:
               help="Evaluator input size in px.  [default: the checkpoint's training size]")
 @click.option("--device", default="auto", show_default=True, help="Device of the evaluator: auto, cpu, cuda, cuda:1 …")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Evaluator batch size.")
+@click.option("--resize-filter", type=click.Choice(["bicubic", "bilinear", "lanczos", "box", "nearest"]), default="bicubic",
+              show_default=True, help="PIL filter that brings a prediction of another size to its ground truth's (the protocol: bicubic).")
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="Bootstrap resamples of the images for the 95 %% confidence intervals (0: none).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap and of KID's subsets.")
 @click.option("--name", "method", default=None, help="Method name in the table.  [default: the prediction folder's name]")
 @click.option("--no-figures", is_flag=True, help="Skip the PNG figures.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(pred_dir: Path, gt_dir: Path, classifier: Path | None, out_dir: Path | None, allow_missing: bool,
              workers: int | None, labels_csv: Path | None, pred_suffix: str, self_match: SelfMatch, tie: Tie, knn_k: int,
-             comparator: Path | None, classifier_size: int | None, device: str, batch_size: int, method: str | None,
-             no_figures: bool, quiet: bool) -> None:
+             comparator: Path | None, classifier_size: int | None, device: str, batch_size: int, resize_filter: str,
+             n_boot: int, seed: int, method: str | None, no_figures: bool, quiet: bool) -> None:
     """Evaluate generated IHC in --pred against the ground truth in --gt, paired by file name.
 
     SSIM and PSNR follow the BCI protocol (prediction resized bicubically to the ground truth's size,
     scikit-image, 7x7 window); with --classifier, the paper's top-k (k = 1, 3, 5) and kNN (k = 10)
     HER2 accuracy against a library of ground-truth features, the evaluator's direct accuracy and
-    FID/KID on its features. Every definition: docs/evaluation.md.
+    FID/KID on its features. Every number comes with a 95 % bootstrap confidence interval over the
+    images. Every definition: docs/evaluation.md.
     """
     from derestainer.core.guard import output_lock, refuse_overlap
     from derestainer.evaluation import EvaluateOptions, run_evaluation, summary_table, write_report
@@ -59,7 +65,8 @@ def evaluate(pred_dir: Path, gt_dir: Path, classifier: Path | None, out_dir: Pat
     opts = EvaluateOptions(
         classifier=classifier, comparator=comparator, labels_csv=labels_csv, allow_missing=allow_missing,
         pred_suffix=pred_suffix, workers=workers, self_match=self_match, tie=tie, knn_k=knn_k, device=device,
-        batch_size=batch_size, classifier_size=classifier_size, progress=not quiet,
+        batch_size=batch_size, classifier_size=classifier_size, resize_filter=resize_filter, bootstrap=n_boot, seed=seed,
+        progress=not quiet,
         log=lambda m: click.echo(m, err=True),
     )
     name = method or pred_dir.resolve().name

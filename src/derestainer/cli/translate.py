@@ -10,6 +10,7 @@ import click
 from derestainer.cli.common import fail, inference_options
 
 if TYPE_CHECKING:
+    from derestainer.inference.folders import Job
     from derestainer.inference.precision import Precision
 
 
@@ -27,12 +28,21 @@ if TYPE_CHECKING:
 @click.option("--mpp", "input_mpp", type=float, default=None,
               help="Microns per pixel of the inputs: resize to the model's training resolution and back. "
                    "Default: inputs are taken to be at the training resolution.")
+@click.option("--output-size", type=click.Choice(["input", "model"]), default="input", show_default=True,
+              help="Write each output at its input's size, or at the model's working size (e.g. 512 px for a 1024 px "
+                   "BCI tile with --mpp; `evaluate` then resizes it, with the same filter).")
+@click.option("--resize-filter", type=click.Choice(["bicubic", "bilinear", "lanczos", "box", "nearest"]), default="bicubic",
+              show_default=True, help="PIL filter bringing the output back to the input's size (the evaluation protocol's).")
 @inference_options
 def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_size: int, device: str, tta: bool,
-              recursive: bool, input_mpp: float | None, precision: Precision, fast: bool) -> None:
-    """Translate INPUTS (images and/or folders) into virtual IHC PNGs of the same size in --out.
+              recursive: bool, input_mpp: float | None, output_size: str, resize_filter: str, precision: Precision,
+              fast: bool) -> None:
+    """Translate INPUTS (images and/or folders) into virtual IHC PNGs in --out (the
+    inputs' size; --output-size model: the model's working size).
 
-    Also writes OUT/predictions.csv and OUT/predictions.json: the predicted HER2 level and the
+    Without --mpp the inputs are taken to be at the model's training µm/px; an input 1.5 times the
+    model's training size or more gets a warning (a 1024 px BCI tile for a model trained at 512 px
+    needs --mpp). Also writes OUT/predictions.csv and OUT/predictions.json: the predicted HER2 level and the
     probability of each level per image (empty for models without a level head).
     """
     from tqdm.auto import tqdm
@@ -50,8 +60,24 @@ def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_s
     refuse_overlap(inputs, out_files=[out_dir / j.rel for j in jobs] + [out_dir / f for f in PREDICTION_FILES],
                    out_dirs=[out_dir], recursive=recursive)
     lm = load_model(checkpoint, device, fast=fast, precision=precision)
-    check_images([j.src for j in jobs])  # every header checked before the first output is written
+    sizes = check_images([j.src for j in jobs])  # every header checked before the first output is written
+    if input_mpp is None:
+        _warn_scale(jobs, sizes, lm.size, lm.mpp)
     with tqdm(total=len(jobs), unit="img", desc="translate") as bar:
         rows = translate_files(lm, jobs, out_dir, batch_size=batch_size, tta=tta, input_mpp=input_mpp,
-                               precision=precision, progress=bar.update)
+                               precision=precision, output_size=output_size, resize_filter=resize_filter,
+                               progress=bar.update)
     click.echo(f"{len(rows)} images → {out_dir} (predictions.csv, predictions.json); model {lm.path} on {lm.device}")
+
+
+#: An input this many times the model's training size, translated without ``--mpp``, gets a warning.
+SCALE_WARNING: float = 1.5
+
+
+def _warn_scale(jobs: list[Job], sizes: list[tuple[int, int]], train_size: int, mpp: float) -> None:
+    """Warn (once, naming the first) when inputs look like another scale than the model's training one."""
+    big = [j.src for j, (w, h) in zip(jobs, sizes, strict=True) if max(w, h) >= SCALE_WARNING * train_size]
+    if big:
+        click.echo(f"warning: {len(big)} input(s), e.g. {big[0]}, are at least {SCALE_WARNING:g}x the model's training "
+                   f"size ({train_size} px at {mpp:g} µm/px) and no --mpp was given: they are translated as if at "
+                   f"{mpp:g} µm/px. For 1024 px BCI tiles (0.46 µm/px) pass --mpp 0.46.", err=True)

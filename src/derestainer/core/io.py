@@ -117,10 +117,9 @@ def check_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> 
         return im.size
 
 
-def check_images(paths: Iterable[str | os.PathLike[str]]) -> None:
-    """:func:`check_image` for every path: a bad file is reported before any work starts."""
-    for p in paths:
-        check_image(p)
+def check_images(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[int, int]]:
+    """:func:`check_image` for every path: a bad file is reported before any work starts. Returns their ``(width, height)``."""
+    return [check_image(p) for p in paths]
 
 
 def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:

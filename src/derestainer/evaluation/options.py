@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from derestainer.core.errors import EvaluationError
+from derestainer.core.resample import DEFAULT_FILTER, FILTERS
 from derestainer.metrics import stain
 from derestainer.metrics.semantic import SELF_MATCH_CHOICES, TIE_CHOICES, SelfMatch, Tie
 
@@ -28,7 +29,11 @@ class EvaluateOptions:
         dab_threshold, h_threshold: positive-area thresholds of the stain statistics (OD₁₀).
         device, batch_size: where and how the evaluator runs.
         classifier_size: evaluator input size; default the checkpoint's ``size``, else the ground truth's.
-        kid_subsets, kid_subset_size, seed: KID estimation.
+        resize_filter: how a prediction of another size is brought to its ground truth's
+            (:mod:`derestainer.core.resample`; default the protocol's PIL bicubic).
+        bootstrap: bootstrap resamples for the confidence intervals (0: none).
+        confidence: level of the confidence intervals (default 0.95).
+        kid_subsets, kid_subset_size, seed: KID estimation; ``seed`` also seeds the bootstrap.
         progress: show a progress bar.
         log: where to send warnings as they arise (e.g. ``click.echo``).
     """
@@ -48,6 +53,9 @@ class EvaluateOptions:
     device: str = "auto"
     batch_size: int = 16
     classifier_size: int | None = None
+    resize_filter: str = DEFAULT_FILTER
+    bootstrap: int = 2000
+    confidence: float = 0.95
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     seed: int = 0
@@ -59,3 +67,9 @@ class EvaluateOptions:
             raise EvaluationError(f"self_match must be one of {SELF_MATCH_CHOICES}, got {self.self_match!r}")
         if self.tie not in TIE_CHOICES:
             raise EvaluationError(f"tie must be one of {TIE_CHOICES}, got {self.tie!r}")
+        if self.resize_filter not in FILTERS:
+            raise EvaluationError(f"resize filter must be one of {tuple(FILTERS)}, got {self.resize_filter!r}")
+        if self.bootstrap < 0 or self.bootstrap == 1:
+            raise EvaluationError(f"bootstrap resamples must be 0 (none) or at least 2, got {self.bootstrap}")
+        if not 0.0 < self.confidence < 1.0:
+            raise EvaluationError(f"confidence level must lie strictly between 0 and 1, got {self.confidence}")

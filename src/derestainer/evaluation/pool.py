@@ -44,6 +44,7 @@ class PairTask:
     keep_images: bool
     dab_threshold: float
     h_threshold: float
+    resize_filter: str = pixel.DEFAULT_FILTER
 
 
 def _thumb(img: np.ndarray) -> np.ndarray:
@@ -56,7 +57,7 @@ def evaluate_pair(task: PairTask) -> dict[str, Any]:
     gt = read_image(task.gt)
     pred_native = read_image(task.pred)
     try:
-        pred = pixel.resize_to(pred_native, gt.shape[:2])
+        pred = pixel.resize_to(pred_native, gt.shape[:2], task.resize_filter)
         m = pixel.ssim(gt, pred), pixel.psnr(gt, pred)
     except ValueError as exc:
         raise EvaluationError(f"{task.pred} (ground truth {task.gt}): {exc}") from None
@@ -64,6 +65,7 @@ def evaluate_pair(task: PairTask) -> dict[str, Any]:
     sg = stain.stain_stats(gt, task.dab_threshold, task.h_threshold)
     out: dict[str, Any] = {
         "index": task.index, "ssim": m[0], "psnr": m[1],
+        "resized": pred is not pred_native,
         "pred_size": f"{pred_native.shape[1]}x{pred_native.shape[0]}", "gt_size": f"{gt.shape[1]}x{gt.shape[0]}",
         **{f"{k}_pred": v for k, v in sp.items()}, **{f"{k}_gt": v for k, v in sg.items()},
         "thumb_pred": _thumb(pred), "thumb_gt": _thumb(gt),

@@ -26,7 +26,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "dab_od_pred", "dab_od_gt", "dab_fraction_pred", "dab_fraction_gt",
     "h_od_pred", "h_od_gt", "h_fraction_pred", "h_fraction_gt",
     "pred_level_direct", "gt_level_direct", "knn_level", "top1_neighbour", "top1_similarity",
-    "pair_r", "pair_rank", "pred_size", "gt_size", "pred_file", "gt_file",
+    "own_gt_nearest", "pair_r", "pair_rank", "pred_size", "gt_size", "pred_file", "gt_file",
 )
 
 
@@ -50,25 +50,38 @@ def _get(d: dict[str, Any], *keys: str) -> Any:
     return d
 
 
+def _ci(metrics: dict[str, Any], name: str, digits: int) -> str:
+    c = _get(metrics, "uncertainty", "metrics", name)
+    if not isinstance(c, dict) or c.get("ci_low") is None or c.get("ci_high") is None:
+        return ""
+    return f" [{c['ci_low']:.{digits}f}, {c['ci_high']:.{digits}f}]"
+
+
 def summary_table(metrics: dict[str, Any], method: str = "generated") -> str:
-    """One Markdown table: the paper's Table 1 columns (SSIM, PSNR, top-1/3/5, kNN k=10), then the extra metrics."""
+    """One Markdown table: the paper's Table 1 columns (SSIM, PSNR, top-1/3/5, kNN k=10), then the extra
+    metrics; each with its 95 % bootstrap interval where ``metrics.json → uncertainty`` has one."""
     sem = metrics.get("semantic") or {}
     k_knn = sem.get("knn_k", 10)
     cols = ["Method", "SSIM", "PSNR", "Top-1", "Top-3", "Top-5", f"kNN (k={k_knn})",
             "Direct acc", "FID", "KID ×10³", "DAB OD r", "DAB OD MAE", "DAB area r", "H OD r"]
     kid = _get(sem, "distribution", "kid", "mean")
+
+    def cell(value: Any, name: str, digits: int = 3) -> str:
+        return _fmt(value, digits) + (_ci(metrics, name, digits) if value is not None else "")
+
     vals = [
         method,
-        _fmt(_get(metrics, "pixel", "ssim", "mean")),
-        _fmt(_get(metrics, "pixel", "psnr", "mean")),
-        _fmt(sem.get("top1")), _fmt(sem.get("top3")), _fmt(sem.get("top5")), _fmt(sem.get("knn")),
-        _fmt(_get(sem, "direct", "accuracy_generated")),
+        cell(_get(metrics, "pixel", "ssim", "mean"), "ssim"),
+        cell(_get(metrics, "pixel", "psnr", "mean"), "psnr", 2),
+        cell(sem.get("top1"), "top1"), cell(sem.get("top3"), "top3"), cell(sem.get("top5"), "top5"),
+        cell(sem.get("knn"), "knn"),
+        cell(_get(sem, "direct", "accuracy_generated"), "evaluator_accuracy"),
         _fmt(_get(sem, "distribution", "fid"), 2),
         _fmt(kid * 1e3 if kid is not None else None, 2),
-        _fmt(_get(metrics, "stain", "dab_od", "pearson_r")),
+        cell(_get(metrics, "stain", "dab_od", "pearson_r"), "dab_od_r"),
         _fmt(_get(metrics, "stain", "dab_od", "mae")),
-        _fmt(_get(metrics, "stain", "dab_fraction", "pearson_r")),
-        _fmt(_get(metrics, "stain", "h_od", "pearson_r")),
+        cell(_get(metrics, "stain", "dab_fraction", "pearson_r"), "dab_fraction_r"),
+        cell(_get(metrics, "stain", "h_od", "pearson_r"), "h_od_r"),
     ]
     return "\n".join([
         "| " + " | ".join(cols) + " |",
@@ -87,6 +100,13 @@ def table_markdown(metrics: dict[str, Any], method: str = "generated") -> str:
         "",
         summary_table(metrics, method),
     ]
+    unc = metrics.get("uncertainty") or {}
+    if unc.get("metrics"):
+        lines += [f"In brackets: {unc['confidence']:.0%} confidence intervals, {unc['method']}, B = {unc['b']}, seed {unc['seed']}.", ""]
+    rz = _get(metrics, "protocol", "resize") or {}
+    if isinstance(rz, dict) and rz:
+        lines += [f"Resize: {rz.get('resized')} of {metrics.get('n_images')} prediction(s) resized to the ground truth's size "
+                  f"with {rz.get('method')}; prediction sizes {rz.get('pred_sizes')}, ground-truth sizes {rz.get('gt_sizes')}.", ""]
     n_inf = _get(metrics, "pixel", "psnr", "n_inf")
     if n_inf:
         lines += [f"PSNR is the mean over finite values; {n_inf} image(s) are pixel-identical to their ground truth (PSNR inf).", ""]
@@ -97,6 +117,9 @@ def table_markdown(metrics: dict[str, Any], method: str = "generated") -> str:
             (f"Semantic library: {'includes' if sem.get('self_match') == 'include' else 'excludes'} each image's own ground truth "
              f"(kNN ties: {sem.get('tie')}). With it {'excluded' if other == 'exclude_self' else 'included'}: "
              f"top-1 {_fmt(o.get('top1'))}, top-3 {_fmt(o.get('top3'))}, top-5 {_fmt(o.get('top5'))}, kNN {_fmt(o.get('knn'))}."),
+            "",
+            (f"Self-match rate (the nearest entry of the full library is the image's own ground truth): "
+             f"{_fmt(sem.get('self_match_rate'))}{_ci(metrics, 'self_match_rate', 3)}."),
             "",
             f"Evaluator on the ground truth (reference): accuracy {_fmt(_get(sem, 'direct', 'accuracy_ground_truth'))}.",
             "",

@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 
 from derestainer.core.io import read_image
 from derestainer.core.levels import read_labels_csv
-from derestainer.evaluation import summary
+from derestainer.evaluation import summary, uncertainty
 from derestainer.evaluation.features import Embedder, independence_warnings, load_evaluator
 from derestainer.evaluation.options import EvaluateOptions
 from derestainer.evaluation.pairing import Pair, Pairing, match_pairs
 from derestainer.evaluation.pool import PairTask, iterate_pairs
-from derestainer.metrics import pixel, stain
+from derestainer.metrics import stain
 from derestainer.metrics.semantic import SelfMatch, Tie
 
 #: Metadata of the evaluator copied into the report.
@@ -39,6 +39,8 @@ class EvaluationResult:
     rows: list[dict[str, Any]]
     pairs: list[Pair]
     warnings: list[str] = field(default_factory=list)
+    #: per-image values (pairing order) that the numbers are statistics of (:mod:`.uncertainty`)
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,7 +71,7 @@ def _open_evaluator(opts: EvaluateOptions, pairs: Sequence[Pair], warn: Callable
 
 
 def _per_image_pass(pairs: Sequence[Pair], opts: EvaluateOptions, ev: _Evaluator | None, workers: int) -> list[dict[str, Any]]:
-    tasks = [PairTask(i, str(p.pred), str(p.gt), ev is not None, opts.dab_threshold, opts.h_threshold)
+    tasks = [PairTask(i, str(p.pred), str(p.gt), ev is not None, opts.dab_threshold, opts.h_threshold, opts.resize_filter)
              for i, p in enumerate(pairs)]
     per: list[dict[str, Any] | None] = [None] * len(pairs)
     with tqdm(total=len(pairs), desc="evaluate", unit="img", disable=not opts.progress, leave=False) as bar:
@@ -85,8 +87,10 @@ def _per_image_pass(pairs: Sequence[Pair], opts: EvaluateOptions, ev: _Evaluator
 
 
 def _semantic(ev: _Evaluator, pairs: Sequence[Pair], rows: list[dict[str, Any]], levels: np.ndarray,
-              opts: EvaluateOptions, warn: Callable[[str], None]) -> dict[str, Any]:
+              opts: EvaluateOptions, warn: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``metrics.json → semantic`` and the per-image semantic vectors (:func:`.uncertainty.semantic_vectors`)."""
     emb = summary.Embeddings(*ev.embedder.stacked(len(pairs)))
+    vectors: dict[str, np.ndarray] = {}
     sem: dict[str, Any] = {
         "evaluator": {"source": ev.source, **{k: ev.meta.get(k) for k in _EVALUATOR_KEYS if k in ev.meta},
                       "input_size": ev.size if ev.size is not None else "ground-truth size",
@@ -94,14 +98,15 @@ def _semantic(ev: _Evaluator, pairs: Sequence[Pair], rows: list[dict[str, Any]],
         "self_match": opts.self_match, "tie": opts.tie,
     }
     if np.all(levels >= 0):
-        summary.library_metrics(sem, rows, pairs, emb, levels, opts, warn)
+        variants = summary.library_metrics(sem, rows, pairs, emb, levels, opts, warn)
+        vectors = uncertainty.semantic_vectors(variants, opts.self_match, levels, emb.dir_pred)
     elif np.any(levels >= 0):
         raise summary.unknown_levels_error(pairs)
     else:
         warn("no HER2 levels (names are not BCI names and no --labels CSV): top-k/kNN accuracy skipped, FID/KID computed")
     summary.direct_columns(rows, emb)
     sem["distribution"] = summary.distribution(emb.f_pred, emb.f_gt, opts.kid_subsets, opts.kid_subset_size, opts.seed, warn)
-    return sem
+    return sem, vectors
 
 
 def _pairing(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[str], opts: EvaluateOptions,
@@ -152,11 +157,14 @@ def run_evaluation(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[s
         warn(f"pairing check: predictions are no more like their own ground truth (mean r {pc['matched_r_mean']:.3f}) "
              f"than like the others (mean r {pc['other_r_mean']:.3f}); are the file names of the right images?")
     rows = summary.per_image_rows(pairs, rows_raw, pc)
+    sem_vectors: dict[str, np.ndarray] = {}
     if ev is not None:
-        metrics["semantic"] = _semantic(ev, pairs, rows, levels, opts, warn)
+        metrics["semantic"], sem_vectors = _semantic(ev, pairs, rows, levels, opts, warn)
+    vectors = uncertainty.per_image_vectors(rows_raw, sem_vectors)
+    metrics["uncertainty"] = uncertainty.intervals(vectors, opts.bootstrap, opts.seed, opts.confidence)
     elapsed = time.perf_counter() - t0
     metrics["protocol"] = {
-        "resize": pixel.RESIZE_METHOD,
+        "resize": summary.resize_record(rows_raw, opts.resize_filter, pred_dir),
         "ssim": "skimage.metrics.structural_similarity(gt, pred, channel_axis=-1, data_range=255): 7x7 uniform window",
         "psnr": "skimage.metrics.peak_signal_noise_ratio(gt, pred, data_range=255); mean over finite values, n_inf counted",
         "pairing": "by file stem" + (f" after stripping {opts.pred_suffix!r} from predictions" if opts.pred_suffix else ""),
@@ -165,7 +173,7 @@ def run_evaluation(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[s
     metrics["run"] = {"workers": min(n_workers, n), "seconds": elapsed, "images_per_second": n / elapsed if elapsed > 0 else None,
                       "versions": summary.versions()}
     metrics["warnings"] = list(warnings)
-    return EvaluationResult(metrics=summary.jsonable(metrics), rows=rows, pairs=pairs, warnings=warnings)
+    return EvaluationResult(metrics=summary.jsonable(metrics), rows=rows, pairs=pairs, warnings=warnings, vectors=vectors)
 
 
 def evaluate(
@@ -187,6 +195,9 @@ def evaluate(
     device: str = "auto",
     batch_size: int = 16,
     classifier_size: int | None = None,
+    resize_filter: str = "bicubic",
+    bootstrap: int = 2000,
+    confidence: float = 0.95,
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
     seed: int = 0,
@@ -204,7 +215,8 @@ def evaluate(
         classifier=classifier, comparator=comparator, labels_csv=labels_csv, allow_missing=allow_missing,
         pred_suffix=pred_suffix, workers=workers, self_match=self_match, tie=tie, topk=topk, knn_k=knn_k,
         dab_threshold=dab_threshold, h_threshold=h_threshold, device=device, batch_size=batch_size,
-        classifier_size=classifier_size, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed,
+        classifier_size=classifier_size, resize_filter=resize_filter, bootstrap=bootstrap, confidence=confidence,
+        kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed,
         progress=progress, log=log,
     )
     return run_evaluation(pred_dir, gt_dir, opts)

@@ -7,13 +7,18 @@ Every function here is plain NumPy on what the per-image pass (:mod:`.pool`) and
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from derestainer.core import resample
 from derestainer.core.errors import EvaluationError
 from derestainer.core.io import jsonable as core_jsonable
 from derestainer.core.levels import HER2_LEVELS, confusion_matrix
@@ -24,6 +29,10 @@ from derestainer.metrics.fid import fid, kid
 from derestainer.metrics.semantic import SELF_MATCH_CHOICES, SelfMatch, semantic_metrics
 
 Warn = Callable[[str], None]
+
+#: Above this self-match rate (own ground truth = nearest library entry) a report with the own ground truth
+#: in the library warns that its top-1 is mostly self-matches (docs/evaluation.md, "Self-inclusion").
+SELF_MATCH_WARNING: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,27 @@ def stain_section(rows_raw: Sequence[dict[str, Any]], levels: np.ndarray, dab_th
     return out
 
 
+def resize_record(rows_raw: Sequence[dict[str, Any]], resize_filter: str, pred_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``metrics.json → protocol.resize``: the filter applied here, to how many predictions, from which sizes to
+    which, and what ``translate`` recorded of its own resize (``predictions.json → output``, when present)."""
+    resized = sum(1 for r in rows_raw if r["resized"])
+    out: dict[str, Any] = {
+        "filter": resize_filter,
+        "method": resample.describe(resize_filter) + ", to the ground truth's size",
+        "resized": resized, "not_resized": len(rows_raw) - resized,
+        "pred_sizes": dict(Counter(r["pred_size"] for r in rows_raw)),
+        "gt_sizes": dict(Counter(r["gt_size"] for r in rows_raw)),
+    }
+    record = Path(pred_dir) / "predictions.json"
+    if record.is_file():
+        try:
+            upstream = json.loads(record.read_text()).get("output")
+        except (OSError, ValueError, AttributeError):
+            upstream = "predictions.json unreadable"
+        out["translate"] = upstream
+    return out
+
+
 def per_image_rows(pairs: Sequence[Pair], rows_raw: Sequence[dict[str, Any]], pc: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per pair for ``per_image.csv`` (semantic columns are added by :func:`semantic_section`)."""
     rows: list[dict[str, Any]] = []
@@ -138,12 +168,13 @@ def _direct(levels: np.ndarray, dir_pred: np.ndarray, dir_gt: np.ndarray, n_clas
 def library_metrics(
     sem: dict[str, Any], rows: list[dict[str, Any]], pairs: Sequence[Pair], emb: Embeddings, levels: np.ndarray,
     opts: EvaluateOptions, warn: Warn,
-) -> None:
-    """Top-k/kNN accuracy (both self-match variants), direct accuracy and confusions into ``sem``; kNN columns into ``rows``."""
+) -> dict[str, dict[str, Any]]:
+    """Top-k/kNN accuracy (both self-match variants), direct accuracy, confusions and the self-match rate
+    into ``sem``; kNN columns into ``rows``. Returns both variants (:func:`~derestainer.metrics.semantic.semantic_metrics`)."""
     n, n_classes = len(pairs), emb.l_pred.shape[1]
     if np.any(levels >= n_classes):
         raise EvaluationError(f"levels go up to {int(levels.max())} but the evaluator has {n_classes} classes")
-    variants = {sm: semantic_metrics(emb.f_pred, emb.f_gt, levels, levels, self_index=np.arange(n), self_match=sm,
+    variants: dict[str, dict[str, Any]] = {sm: semantic_metrics(emb.f_pred, emb.f_gt, levels, levels, self_index=np.arange(n), self_match=sm,
                                      ks=tuple(opts.topk), knn_k=opts.knn_k, tie=opts.tie, n_classes=n_classes)
                 for sm in SELF_MATCH_CHOICES}
     head = variants[opts.self_match]
@@ -161,6 +192,16 @@ def library_metrics(
         row["knn_level"] = HER2_LEVELS[int(knn_pred[i])] if knn_pred[i] >= 0 else ""
         row["top1_neighbour"] = pairs[int(nb[i, 0])].name if nb.shape[1] else ""
         row["top1_similarity"] = float(ns[i, 0]) if ns.shape[1] else float("nan")
+    nb_all = variants["include"]["neighbours"]
+    own = nb_all[:, 0] == np.arange(n) if nb_all.shape[1] else np.zeros(n, dtype=bool)
+    sem["self_match_rate"] = float(own.mean()) if n else float("nan")
+    if n and sem["self_match_rate"] > SELF_MATCH_WARNING and opts.self_match == "include":
+        warn(f"{sem['self_match_rate']:.0%} of the generated images have their own ground truth as nearest library entry: "
+             "top-1 with it included measures closeness to that very image more than the HER2 level; "
+             "read the exclude-self variant beside it")
+    for i, row in enumerate(rows):
+        row["own_gt_nearest"] = int(own[i])
+    return variants
 
 
 def distribution(f_pred: np.ndarray, f_gt: np.ndarray, kid_subsets: int, kid_subset_size: int, seed: int,

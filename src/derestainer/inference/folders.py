@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from derestainer.core import resample
 from derestainer.core.guard import output_lock, refuse_overlap, unfinished_until_done
 from derestainer.core.io import list_images, read_image, write_image, write_json, write_text
 from derestainer.inference.loading import LoadedModel
 from derestainer.inference.precision import Precision
-from derestainer.inference.prediction import translate_array
+from derestainer.inference.prediction import INPUT_RESIZE, translate_array
 
 #: The files beside the images of a translated folder; ``predictions.json`` is written last.
 PREDICTION_FILES: tuple[str, ...] = ("predictions.csv", "predictions.json")
@@ -68,6 +69,8 @@ class TranslateOptions:
     tta: bool = False
     input_mpp: float | None = None
     precision: Precision = "auto"
+    output_size: str = "input"
+    resize_filter: str = resample.DEFAULT_FILTER
 
 
 class _SizeBatches:
@@ -93,12 +96,16 @@ class _SizeBatches:
         if not items:
             return
         ihc, probs = translate_array(self.lm, [im for _, im in items], tta=self.o.tta, input_mpp=self.o.input_mpp,
-                                     precision=self.o.precision)
+                                     precision=self.o.precision, output_size=self.o.output_size,
+                                     resize_filter=self.o.resize_filter)
         self.before_write()  # the first output replaced: the folder is unfinished until predictions.json
         for b, (idx, _) in enumerate(items):
             job = self.jobs[idx]
             write_image(self.out / job.rel, ihc[b])
-            self.rows[idx] = _prediction_row(job, probs[b] if probs is not None else None, self.lm.level_names)
+            row = _prediction_row(job, probs[b] if probs is not None else None, self.lm.level_names)
+            row["input_size"] = f"{items[b][1].shape[1]}x{items[b][1].shape[0]}"  # WxH, as evaluate's sizes
+            row["output_size"] = f"{ihc[b].shape[1]}x{ihc[b].shape[0]}"
+            self.rows[idx] = row
         if self.progress is not None:
             self.progress(len(items))
 
@@ -117,13 +124,17 @@ def translate_files(
     tta: bool = False,
     input_mpp: float | None = None,
     precision: Precision = "auto",
+    output_size: str = "input",
+    resize_filter: str = resample.DEFAULT_FILTER,
     progress: Callable[[int], object] | None = None,
 ) -> list[dict[str, Any]]:
     """Translate images to ``out_dir`` and write ``predictions.csv`` and ``predictions.json`` there.
 
     Images of equal size are batched together (up to ``batch_size``). Each row of the predictions:
     input path, output path (relative to ``out_dir``), predicted level name, and one probability
-    per level (empty when the model has no f_level head).
+    per level (empty when the model has no f_level head). ``output_size``, ``resize_filter``: where the
+    output is left (:func:`~.prediction.translate_array`); ``predictions.json → output`` records both, and
+    ``derestainer evaluate`` copies that record into its report.
 
     The output folder is locked while it is written (:func:`~derestainer.core.guard.output_lock`);
     ``predictions.json`` is written last: from the first image written until then, a hidden
@@ -136,13 +147,25 @@ def translate_files(
     out = Path(out_dir)
     refuse_overlap([j.src for j in jobs], out_files=[out / j.rel for j in jobs] + [out / f for f in PREDICTION_FILES])
     with output_lock(out, folder=True), unfinished_until_done(out / "predictions.json", lazy=True) as state:
-        batches = _SizeBatches(lm, jobs, out, TranslateOptions(batch_size, tta, input_mpp, precision), progress,
-                               before_write=state.begin)
+        options = TranslateOptions(batch_size, tta, input_mpp, precision, output_size, resize_filter)
+        batches = _SizeBatches(lm, jobs, out, options, progress, before_write=state.begin)
         for idx, job in enumerate(jobs):
             batches.add(idx, read_image(job.src))
         ordered = batches.finish()
-        write_predictions(out, ordered, lm)
+        write_predictions(out, ordered, lm, output_record(options, lm))
     return ordered
+
+
+def output_record(o: TranslateOptions, lm: LoadedModel) -> dict[str, Any]:
+    """``predictions.json → output``: how the images were brought to the model and back."""
+    return {
+        "output_size": o.output_size,
+        "resize_filter": o.resize_filter if o.output_size == "input" else None,
+        "resize": resample.describe(o.resize_filter) if o.output_size == "input" else "none (model working size)",
+        "input_mpp": o.input_mpp, "model_mpp": lm.mpp,
+        "input_resize": INPUT_RESIZE if o.input_mpp else "none (inputs taken at the model's µm/px)",
+        "precision": o.precision, "tta": o.tta,
+    }
 
 
 def _prediction_row(job: Job, probs: np.ndarray | None, names: Sequence[str]) -> dict[str, Any]:
@@ -156,7 +179,8 @@ def _prediction_row(job: Job, probs: np.ndarray | None, names: Sequence[str]) ->
     return row
 
 
-def write_predictions(out_dir: Path, rows: Sequence[dict[str, Any]], lm: LoadedModel) -> None:
+def write_predictions(out_dir: Path, rows: Sequence[dict[str, Any]], lm: LoadedModel,
+                      output: dict[str, Any] | None = None) -> None:
     """``predictions.csv`` (input, output, level, p_<level>...) and ``predictions.json`` (with model info)."""
     buf = io.StringIO()
     wr = csv.writer(buf, lineterminator="\n")
@@ -172,6 +196,7 @@ def write_predictions(out_dir: Path, rows: Sequence[dict[str, Any]], lm: LoadedM
         "model_mpp": lm.mpp,
         "levels": list(lm.level_names),
         "has_level_head": any(r["probabilities"] is not None for r in rows),
+        "output": output,
         "images": list(rows),
     })
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from derestainer.core import resample
 from derestainer.core.ranges import signed_to_uint8, uint8_to_signed
 from derestainer.inference.loading import LoadedModel
 from derestainer.inference.optimize import InferenceModel
@@ -142,6 +143,13 @@ def resize_batch(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
+#: Where :func:`translate_array` leaves its output: at the input's size, or at the model's working size.
+OUTPUT_SIZES: tuple[str, ...] = ("input", "model")
+
+#: How inputs are brought to the model's µm/px (the training data loader's filter, :mod:`derestainer.data.transforms`).
+INPUT_RESIZE: str = "torch.nn.functional.interpolate(mode='bilinear', align_corners=False, antialias when shrinking)"
+
+
 def translate_array(
     lm: LoadedModel,
     images: Sequence[np.ndarray],
@@ -149,12 +157,23 @@ def translate_array(
     tta: bool = False,
     input_mpp: float | None = None,
     precision: Precision = "auto",
+    output_size: str = "input",
+    resize_filter: str = resample.DEFAULT_FILTER,
 ) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Translate same-sized ``uint8 [H, W, 3]`` H&E images (one batch).
+
+    With ``input_mpp`` the images are resampled to the model's µm/px first (:data:`INPUT_RESIZE`).
+    The generated image is made uint8 at that working size; ``output_size='input'`` then brings it
+    back to the input's size with :func:`derestainer.core.resample.resize_rgb` and ``resize_filter``
+    — the very resize ``evaluate`` applies to a prediction of another size than its ground truth,
+    so translating at the model's size and evaluating gives the same numbers as translating back.
 
     Returns:
         (virtual IHC ``uint8 [H, W, 3]`` per image, probabilities ``[N, K]`` or None).
     """
+    if output_size not in OUTPUT_SIZES:
+        raise ValueError(f"output_size must be one of {OUTPUT_SIZES}, got {output_size!r}")
+    resample.check_filter(resize_filter)
     if not images:
         return [], None
     x = torch.from_numpy(np.stack([np.ascontiguousarray(im.transpose(2, 0, 1)) for im in images]))
@@ -164,10 +183,11 @@ def translate_array(
         f = input_mpp / lm.mpp  # model px per input px
         x = resize_batch(x, (max(1, round(h * f)), max(1, round(w * f))))
     ihc, probs = predict(lm.model, x, multiple=lm.multiple, tta=tta, precision=precision)
-    ihc = resize_batch(ihc, (h, w))
-    out = signed_to_uint8(ihc).permute(0, 2, 3, 1).cpu().numpy()
-    return list(out), (None if probs is None else probs.cpu().numpy())
+    out = list(signed_to_uint8(ihc).permute(0, 2, 3, 1).cpu().numpy())
+    if output_size == "input":
+        out = [resample.resize_rgb(o, (int(h), int(w)), resize_filter) for o in out]
+    return out, (None if probs is None else probs.cpu().numpy())
 
 
-__all__ = ["dihedral", "inverse_dihedral", "pad_to_multiple", "predict", "resize_batch", "resolved_precision",
+__all__ = ["INPUT_RESIZE", "OUTPUT_SIZES", "dihedral", "inverse_dihedral", "pad_to_multiple", "predict", "resize_batch", "resolved_precision",
            "translate_array"]

@@ -2,7 +2,8 @@
 
 The protocol, exactly:
 
-1. the prediction is resized to the ground truth's size with PIL's bicubic filter (``Image.BICUBIC``,
+1. the prediction is resized to the ground truth's size (:mod:`derestainer.core.resample`, the one
+   place where that happens) with PIL's bicubic filter (``Image.BICUBIC``,
    Keys cubic with a = -0.5; when *down*-sizing PIL widens the kernel, i.e. antialiases) and kept
    uint8 RGB — the generated 512 px BCI images are scaled up to the 1024 px ground truth;
 2. ``skimage.metrics.structural_similarity(gt, pred, channel_axis=-1, data_range=255)``: 7×7 uniform
@@ -23,16 +24,15 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-#: How predictions are brought to the ground truth's size (written into every report).
-RESIZE_METHOD: str = "PIL Image.resize(..., Image.BICUBIC) to the ground truth's size, uint8 RGB"
+from derestainer.core.resample import ASPECT_TOLERANCE, DEFAULT_FILTER, describe, resize_rgb
 
-#: Largest relative difference of aspect ratios still treated as "the same shape" (rounding of
-#: odd sizes); anything else would be a distortion, not a resize, and is refused.
-ASPECT_TOLERANCE: float = 0.01
+__all__ = ["ASPECT_TOLERANCE", "RESIZE_METHOD", "pixel_metrics", "psnr", "resize_to", "ssim", "summarize"]
 
+#: How predictions are brought to the ground truth's size by default (the filter is an option:
+#: :func:`resize_to`, ``derestainer evaluate --resize-filter``; the report records the one applied).
+RESIZE_METHOD: str = describe(DEFAULT_FILTER) + ", to the ground truth's size"
 
 def _check_rgb_uint8(image: np.ndarray, what: str) -> np.ndarray:
     a = np.asarray(image)
@@ -41,24 +41,15 @@ def _check_rgb_uint8(image: np.ndarray, what: str) -> np.ndarray:
     return a
 
 
-def resize_to(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Resize ``uint8 [h, w, 3]`` to ``size_hw = (H, W)`` with PIL bicubic; returned unchanged if already that size.
+def resize_to(image: np.ndarray, size_hw: tuple[int, int], filter: str = DEFAULT_FILTER) -> np.ndarray:
+    """Resize ``uint8 [h, w, 3]`` to ``size_hw = (H, W)`` (:func:`derestainer.core.resample.resize_rgb`,
+    PIL ``filter``, bicubic by default); returned unchanged if already that size.
 
     Raises:
         ValueError: the aspect ratios differ by more than :data:`ASPECT_TOLERANCE` (a resize
             would distort the image: the pair is probably wrong).
     """
-    a = _check_rgb_uint8(image, "image")
-    h, w = int(size_hw[0]), int(size_hw[1])
-    if a.shape[:2] == (h, w):
-        return a
-    src, dst = a.shape[1] / a.shape[0], w / h
-    if abs(src / dst - 1.0) > ASPECT_TOLERANCE:
-        raise ValueError(
-            f"aspect ratio differs: prediction is {a.shape[1]}x{a.shape[0]} px, ground truth {w}x{h} px; "
-            "resizing would distort it (is this the right pair?)"
-        )
-    return np.asarray(Image.fromarray(a).resize((w, h), Image.Resampling.BICUBIC))
+    return resize_rgb(_check_rgb_uint8(image, "image"), size_hw, filter)
 
 
 def ssim(gt: np.ndarray, pred: np.ndarray) -> float:
@@ -80,10 +71,10 @@ def psnr(gt: np.ndarray, pred: np.ndarray) -> float:
     return float(peak_signal_noise_ratio(g, p, data_range=255))
 
 
-def pixel_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """Resize ``pred`` to ``gt``'s size, then ``{'ssim': ..., 'psnr': ...}`` (BCI protocol)."""
+def pixel_metrics(gt: np.ndarray, pred: np.ndarray, filter: str = DEFAULT_FILTER) -> dict[str, float]:
+    """Resize ``pred`` to ``gt``'s size (``filter``), then ``{'ssim': ..., 'psnr': ...}`` (BCI protocol)."""
     g = _check_rgb_uint8(gt, "ground truth")
-    p = resize_to(pred, g.shape[:2])
+    p = resize_to(pred, g.shape[:2], filter)
     return {"ssim": ssim(g, p), "psnr": psnr(g, p)}
 
 

@@ -159,7 +159,8 @@ def semantic_metrics(
     Returns:
         ``{'top1': ..., 'top3': ..., 'top5': ..., 'knn': ..., 'knn_k': k used, 'topk_k': {'top5': k used},
         'n': Q, 'self_match', 'tie', 'per_level': {'0': {'n', 'top1', ..., 'knn'}, ...},
-        'knn_pred': [Q] levels, 'neighbours': [Q, max k] library indices, 'neighbour_sims': same}``.
+        'knn_pred': [Q] levels, 'hits': {'top1': [Q] bool, ..., 'knn': [Q] bool} (each query's hit, for
+        confidence intervals), 'neighbours': [Q, max k] library indices, 'neighbour_sims': same}``.
     """
     if self_match not in SELF_MATCH_CHOICES:
         raise ValueError(f"unknown self_match {self_match!r}; choose one of {', '.join(SELF_MATCH_CHOICES)}")
@@ -199,6 +200,7 @@ def semantic_metrics(
             per[name] = {"n": int(m.sum()), **{k: float(h[m].mean()) for k, h in hits.items()}}
     out["per_level"] = per
     out["knn_pred"] = knn_pred
+    out["hits"] = hits
     out["neighbours"] = idx
     out["neighbour_sims"] = sims
     return out
