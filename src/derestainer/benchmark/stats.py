@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from derestainer.evaluation.uncertainty import INTERVALS
 from derestainer.metrics import bootstrap
 
 #: Per model, per metric: ``{'mean', 'std', 'n', 'values'}``.
@@ -47,22 +48,17 @@ def summarize(runs: Sequence[dict[str, Any]], models: Sequence[str]) -> Summary:
     return out
 
 
-#: Metrics compared image by image: ``(results key, statistic, per-image vectors)``
-#: (:mod:`derestainer.evaluation.uncertainty` names the vectors).
-PAIRED_METRICS: tuple[tuple[str, bootstrap.Stat, tuple[str, ...]], ...] = (
-    ("ssim", "mean", ("ssim",)),
-    ("psnr", "mean", ("psnr",)),
-    ("top1", "mean", ("top1",)),
-    ("top3", "mean", ("top3",)),
-    ("top5", "mean", ("top5",)),
-    ("knn", "mean", ("knn",)),
-    ("top1_excl_self", "mean", ("top1_exclude_self",)),
-    ("knn_excl_self", "mean", ("knn_exclude_self",)),
-    ("evaluator_accuracy", "mean", ("evaluator_hit",)),
-    ("self_match_rate", "mean", ("self_match",)),
-    ("dab_od_pearson", "pearson", ("dab_od_pred", "dab_od_gt")),
-    ("h_od_pearson", "pearson", ("h_od_pred", "h_od_gt")),
-)
+#: The results keys (:func:`~derestainer.benchmark.stages.flatten_metrics`) of the evaluation's interval names
+#: where they differ (:data:`derestainer.evaluation.uncertainty.INTERVALS`).
+_RESULTS_KEY: dict[str, str] = {"top1_exclude_self": "top1_excl_self", "knn_exclude_self": "knn_excl_self",
+                                "dab_od_r": "dab_od_pearson", "h_od_r": "h_od_pearson"}
+_COMPARED: frozenset[str] = frozenset({"ssim", "psnr", "top1", "top3", "top5", "knn", "top1_exclude_self",
+                                       "knn_exclude_self", "evaluator_accuracy", "self_match_rate", "dab_od_r", "h_od_r"})
+
+#: Metrics compared image by image: ``(results key, statistic, per-image vectors)``, the evaluation's
+#: intervals under the benchmark's names.
+PAIRED_METRICS: tuple[tuple[str, bootstrap.Stat, tuple[str, ...]], ...] = tuple(
+    (_RESULTS_KEY.get(name, name), stat, vectors) for name, stat, vectors in INTERVALS if name in _COMPARED)
 
 
 def _matrices(recs: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[np.ndarray] | None:
