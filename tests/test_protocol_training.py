@@ -21,19 +21,9 @@ from derestainer.training.logging import read_jsonl
 from derestainer.training.loop import Trainer
 from derestainer.training.schedule import lr_factor
 from derestainer.training.setup import VAL_FILES, holdout_split
-from test_train import tiny_cfg, write_pairs
+from test_train import one_thread, tiny_cfg, write_pairs  # noqa: F401  (one_thread: the autouse fixture, here too)
 
 RTOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    torch.use_deterministic_algorithms(det)
 
 
 def _images(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:

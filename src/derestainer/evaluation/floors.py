@@ -81,6 +81,23 @@ def hematoxylin_image(he: np.ndarray, scale: float = 1.0) -> np.ndarray:
     return np.round(hed_to_rgb_np(hed * keep) * 255.0).astype(np.uint8)
 
 
+def _floor_record(kind: str, he_dir: str | os.PathLike[str], n: int, ihc_train_dir: str | os.PathLike[str] | None,
+                  he_train_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """``floor.json``: what the floor is made of (its colour, or its haematoxylin scale) and from which folders."""
+    record: dict[str, Any] = {"kind": kind, "he_dir": str(he_dir), "n_images": n,
+                              "ihc_train_dir": None if ihc_train_dir is None else str(ihc_train_dir),
+                              "he_train_dir": None if he_train_dir is None else str(he_train_dir)}
+    if kind == "median":
+        colour = median_colour(ihc_train_dir)  # type: ignore[arg-type]  # checked by write_floor
+        record.update(colour=[int(c) for c in colour], method="per-channel lower median of all training IHC pixels")
+    else:
+        scale = (hematoxylin_scale(he_train_dir, ihc_train_dir)
+                 if he_train_dir is not None and ihc_train_dir is not None else 1.0)
+        record.update(h_scale=scale, method=("H&E haematoxylin (Ruifrok-Johnston, scikit-image matrix) times h_scale, "
+                                             "eosin and DAB zero, recomposed"))
+    return record
+
+
 def write_floor(kind: str, he_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                 ihc_train_dir: str | os.PathLike[str] | None = None,
                 he_train_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -101,26 +118,16 @@ def write_floor(kind: str, he_dir: str | os.PathLike[str], out_dir: str | os.Pat
     inputs = [Path(he_dir), *(Path(d) for d in (ihc_train_dir, he_train_dir) if d is not None)]
     refuse_overlap(inputs, own_dirs=[out])
     sizes = check_images(files)
-    record: dict[str, Any] = {"kind": kind, "he_dir": str(he_dir), "n_images": len(files),
-                              "ihc_train_dir": None if ihc_train_dir is None else str(ihc_train_dir),
-                              "he_train_dir": None if he_train_dir is None else str(he_train_dir)}
-    if kind == "median":
-        colour = median_colour(ihc_train_dir)  # type: ignore[arg-type]  # checked above
-        record.update(colour=[int(c) for c in colour], method="per-channel lower median of all training IHC pixels")
-    else:
-        scale = (hematoxylin_scale(he_train_dir, ihc_train_dir)
-                 if he_train_dir is not None and ihc_train_dir is not None else 1.0)
-        record.update(h_scale=scale, method=("H&E haematoxylin (Ruifrok-Johnston, scikit-image matrix) times h_scale, "
-                                             "eosin and DAB zero, recomposed"))
-    out.mkdir(parents=True, exist_ok=True)
-    with output_lock(out, folder=True), unfinished_until_done(out / FLOOR_RECORD):
-        for f, (w, h) in zip(files, sizes, strict=True):
-            if kind == "median":
-                img = np.broadcast_to(np.asarray(record["colour"], dtype=np.uint8), (h, w, 3)).copy()
-            else:
-                img = hematoxylin_image(read_image(f), record["h_scale"])
-            write_image(out / f"{f.stem}.png", img)
-        write_json(out / FLOOR_RECORD, record)
+    with output_lock(out, folder=True):  # taken first (it creates the folder): a read-only --out fails before any work
+        record = _floor_record(kind, he_dir, len(files), ihc_train_dir, he_train_dir)
+        with unfinished_until_done(out / FLOOR_RECORD):
+            for f, (w, h) in zip(files, sizes, strict=True):
+                if kind == "median":
+                    img = np.broadcast_to(np.asarray(record["colour"], dtype=np.uint8), (h, w, 3)).copy()
+                else:
+                    img = hematoxylin_image(read_image(f), record["h_scale"])
+                write_image(out / f"{f.stem}.png", img)
+            write_json(out / FLOOR_RECORD, record)
     return record
 
 
