@@ -61,8 +61,8 @@ def test_model_config_keeps_the_base_widths() -> None:
 
 
 def test_benchmark_and_speed_compose_configs_in_one_place() -> None:
-    from derestainer.core.config import compose_model_config
     from derestainer.core.errors import ConfigError
+    from derestainer.core.presets import compose_model_config
     from derestainer.speed import BenchSpec, resolve_config
 
     ov = ("pix2pix:model.ngf=16", "train.lr=1e-3")

@@ -172,8 +172,9 @@ def test_pyramid_l1_matches_scipy_reference(rng, size):
 
 def test_paper_weights():
     w = term_weights(load_config("paper").loss)
-    assert w == {"h": 2.0, "dab": 2.0, "ssim": 13.0, "mae": 130.0, "cmp": 26.0, "level": 5.0, "gan": 1.0,
-                 "pyramid": 0.0, "l1": 0.0}
+    assert {k: v for k, v in w.items() if v} == {"h": 2.0, "dab": 2.0, "ssim": 13.0, "mae": 130.0, "cmp": 26.0,
+                                                 "level": 5.0, "gan": 1.0}
+    assert set(w) >= {"pyramid", "l1", "fm", "vgg", "lowres"}  # the baselines' terms, all off
     assert active_terms(load_config("no_stain").loss) == {"ssim", "mae", "cmp", "level", "gan"}
     assert "dab" not in active_terms(load_config("no_dab").loss) and "h" in active_terms(load_config("no_dab").loss)
 
@@ -207,7 +208,7 @@ def test_generator_losses_total_is_the_weighted_sum():
         "l1": mae_loss(out.ihc, ihc),
     }
     weights = {"h": 3.0, "dab": 1.0, "ssim": 3.0, "mae": 6.0, "cmp": 0.75, "level": 4.0, "gan": 0.5, "pyramid": 7.0, "l1": 11.0}
-    assert set(terms) == set(expected) | {"total"}
+    assert set(terms) == set(expected) | {"total", "h_spread"}  # h_spread: L_H's collapse indicator, not a term
     for k, v in expected.items():
         torch.testing.assert_close(terms[k], v.detach(), msg=k)
         assert not terms[k].requires_grad
@@ -224,10 +225,10 @@ def test_generator_losses_skips_zero_weights_and_missing_inputs(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a term with weight 0 was computed")
 
-    monkeypatch.setattr(losses, "dab_l1_loss", boom)
-    monkeypatch.setattr(losses, "pyramid_l1_loss", boom)
+    monkeypatch.setattr(losses.stain_terms, "dab_l1_loss", boom)
+    monkeypatch.setattr(losses.baseline_terms, "pyramid_l1_loss", boom)
     total, terms = generator_losses(out, he, ihc, level, d_out, cf, cr, load_config("no_dab").loss)
-    assert set(terms) == {"h", "ssim", "mae", "cmp", "level", "gan", "total"}
+    assert set(terms) == {"h", "ssim", "mae", "cmp", "level", "gan", "total", "h_spread"}
 
     # No comparator, no discriminator, no label, no IHC branch: those terms are simply absent.
     out_no_ihc = out._replace(h_embed_ihc=None)

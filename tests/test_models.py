@@ -141,7 +141,7 @@ def test_gradients_reach_every_generator_parameter_and_no_frozen_one():
     out = g(he, ihc)
     total, terms = generator_losses(out, he, ihc, level, d(he, out.ihc), comparator(out.ihc), comparator(ihc),
                                     LossConfig())
-    assert set(terms) == {"h", "dab", "ssim", "mae", "cmp", "level", "gan", "total"}
+    assert set(terms) == {"h", "dab", "ssim", "mae", "cmp", "level", "gan", "total", "h_spread"}
     total.backward()
     for name, p in g.named_parameters():
         assert p.grad is not None, name

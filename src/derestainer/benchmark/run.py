@@ -103,10 +103,22 @@ def run_one(
         "metrics": jsonable(metrics),
         "per_image": jsonable(vectors),
         "config": cfg_d,
+        "terms_off": _terms_off(folder),
         "pred_dir": str(pred_dir.relative_to(spec.out)),
     }
     write_json(marker, record)  # written last, atomically: its presence means the run is complete
     return {**record, "skipped": False}
+
+
+def _terms_off(folder: Path) -> dict[str, str]:
+    """The terms its preset asks for that the training could not compute (e.g. the VGG loss without
+    weights, L_cmp without a comparator), from the training summary."""
+    path = folder / "train" / "summary.json"
+    try:
+        off = json.loads(path.read_text()).get("terms_off", {})
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in off.items()} if isinstance(off, dict) else {}
 
 
 def floor_name(kind: str) -> str:

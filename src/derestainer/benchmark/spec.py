@@ -1,7 +1,7 @@
 """What a Table-1 benchmark runs: :class:`BenchmarkSpec`, and each model's config under the shared budget.
 
 A model's config is ``base ⊕ (preset(model) − paper) ⊕ --set overrides``
-(:func:`derestainer.core.config.compose_model_config`), then the budget every model shares (steps,
+(:func:`derestainer.core.presets.compose_model_config`), then the budget every model shares (steps,
 batch size, resolution, seed) and the run folder (:func:`run_config`).
 """
 
@@ -14,17 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from derestainer.core.config import (
-    MODEL_ALIASES,
-    Config,
-    compose_model_config,
-    from_dict,
-    split_target,
-    to_dict,
-)
-from derestainer.core.config import preset_delta as _preset_delta
+from derestainer.core.config import Config, from_dict, to_dict
 from derestainer.core.errors import BenchmarkError, ConfigError
 from derestainer.core.io import list_images
+from derestainer.core.presets import MODEL_ALIASES, compose_model_config, split_target
+from derestainer.core.presets import preset_delta as _preset_delta
 
 #: Model names that stand for a preset of another name.
 ALIASES: dict[str, str] = MODEL_ALIASES
@@ -94,7 +88,7 @@ def _as_benchmark_error() -> Iterator[None]:
 
 
 def preset_delta(model: str) -> dict[str, dict[str, Any]]:
-    """:func:`derestainer.core.config.preset_delta`, errors as :class:`BenchmarkError`.
+    """:func:`derestainer.core.presets.preset_delta`, errors as :class:`BenchmarkError`.
 
     >>> preset_delta("no_dab")
     {'loss': {'dab': 0.0}}
@@ -104,7 +98,7 @@ def preset_delta(model: str) -> dict[str, dict[str, Any]]:
 
 
 def model_config(model: str, base: str = "tiny", overrides: Sequence[str] = ()) -> Config:
-    """:func:`derestainer.core.config.compose_model_config`, errors as :class:`BenchmarkError`."""
+    """:func:`derestainer.core.presets.compose_model_config`, errors as :class:`BenchmarkError`."""
     with _as_benchmark_error():
         return compose_model_config(model, base, overrides)
 

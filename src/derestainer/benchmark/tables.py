@@ -200,6 +200,10 @@ def format_report(
     if extra:
         lines += ["## Stain-aware and other metrics (beyond the paper)", "",
                   markdown_table(summary, extra, intervals=intervals, floors=floors), ""]
+    off = sorted({(r["model"], term, why) for r in runs for term, why in (r.get("terms_off") or {}).items()})
+    if off:
+        lines += ["**Terms asked for but off in these runs**: "
+                  + "; ".join(f"`{m}`: `{t}` ({w})" for m, t, w in off) + ".", ""]
     params = {r["model"]: r.get("generator_params") for r in runs}
     if any(v for v in params.values()):
         lines += ["Generator parameters: " + ", ".join(f"{m} {v / 1e6:.3g} M" for m, v in params.items() if v) + ".", ""]

@@ -10,7 +10,6 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,11 +38,14 @@ class ModelConfig:
     encoder_input: str = "h"            # h (paper) | rgb | h+rgb
     norm: str = "batch"                 # batch | none (never instance: seams on whole slides)
     h_embed_dim: int = 0                # f_H output size; 0 = width of the last f_H block
+    h_predictor: int = 0                # hidden width of a SimSiam predictor on f_H (loss.h_mode simsiam); 0 = none
     stop_ihc_grad: bool = False         # stop gradients of L_H into the IHC branch
     demodulate: bool = True
     ndf: int = 64                       # discriminator base width
     d_layers: int = 3                   # PatchGAN conv layers (3 → 70×70 receptive field)
     d_scales: int = 2                   # multi-scale discriminator (paper: 512 and 256)
+    d_input: str = "he+ihc"             # what D sees: he+ihc (conditional, pix2pix) | ihc (BCIStainer)
+    d_norm: str = "batch"               # discriminator norm: batch | instance | none
     stain_matrix: str = "ruifrok"       # ruifrok | a path to a 3x3 rgb_from_hed (.json/.npy)
 
 
@@ -61,10 +63,22 @@ class LossConfig:
     level: float = 5.0
     gan: float = 1.0
     gan_mode: str = "lsgan"             # lsgan (DeReStainer, pix2pixHD) | vanilla (BCE: pix2pix, BCI's PyramidPix2Pix)
+    gan_smooth: float = 0.0             # random label smoothing U(0, s) of the GAN targets (BCIStainer: 0.1)
     focal_gamma: float = 2.0
+    focal_alpha: tuple[float, ...] = ()  # per-class weights of the focal loss (BCIStainer: 0.5, 0.2, 0.2, 0.1); () = none
+    h_mode: str = "cosine"              # L_H: cosine (paper) | simsiam (needs model.h_predictor) | infonce
+    h_tau: float = 0.1                  # InfoNCE temperature (h_mode infonce)
+    dab_mode: str = "clamped"           # L_DAB on: clamped (paper: DAB channel images) | od (DAB concentration before the clamp)
+    ssim_win: int = 11                  # L_ssim window (paper, scikit-image: 11; BCIStainer: 9)
+    ssim_sigma: float = 1.5             # L_ssim Gaussian σ (paper: 1.5; BCIStainer: 2.375)
+    cmp_start: float = 0.0              # L_cmp from this fraction of train.steps on (BCIStainer: 1/3)
     pyramid: float = 0.0                # Gaussian-pyramid L1 (PyramidPix2Pix); 0 for DeReStainer
     pyramid_levels: int = 4
     l1: float = 0.0                     # plain L1 in model space (pix2pix λ=100 on [-1,1])
+    lowres: float = 0.0                 # MAE of a low-resolution output head, out.aux["ihc_low"] (BCIStainer: 10)
+    fm: float = 0.0                     # discriminator feature matching (pix2pixHD: 10)
+    vgg: float = 0.0                    # VGG-19 perceptual loss (pix2pixHD: 10); runs only with vgg_weights
+    vgg_weights: str = ""               # local torchvision VGG-19 weights (.safetensors); "" = VGG loss off, with a warning
 
 
 @dataclass(frozen=True)
@@ -126,6 +140,8 @@ class TrainConfig:
     lr_schedule: str = "constant"       # constant | linear | cosine (decay to zero at train.steps), G and D
     lr_decay_start: float = 0.0         # fraction of train.steps held at train.lr before the decay
     warmup_steps: int = 0               # linear warm-up from 0 over this many steps (0 = none)
+    ema: float = 0.0                    # decay of an exponential moving average of G, saved as the model (0 = off; BCIStainer 0.99)
+    ema_start: int = 0                  # steps before the average starts (it copies G until then; BCIStainer 100)
 
 
 @dataclass(frozen=True)
@@ -152,6 +168,13 @@ def _untuple(x: Any) -> Any:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is tuple and typing.get_args(tp)[-1:] == (Ellipsis,):
+        item = typing.get_args(tp)[0]
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of values, got {value!r}")
+        return tuple(_coerce(v, item, where) for v in value)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -220,14 +243,20 @@ def from_dict(d: dict[str, Any], cls: type = Config, where: str = "") -> Any:
 
 #: What the generator's encoder sees: the H-channel image (paper), the RGB image, or both.
 ENCODER_INPUTS: tuple[str, ...] = ("h", "rgb", "h+rgb")
+#: ``loss.h_mode``: L_H as the paper's cosine, SimSiam, or InfoNCE on f_H's maps (losses.stain_terms).
+H_MODES: tuple[str, ...] = ("cosine", "simsiam", "infonce")
+#: ``loss.dab_mode``: L_DAB on DAB channel images (the paper's, clamped) or on DAB optical density.
+DAB_MODES: tuple[str, ...] = ("clamped", "od")
+#: ``model.d_input``: what the discriminator sees.
+D_INPUTS: tuple[str, ...] = ("he+ihc", "ihc")
 #: Fields of :class:`ModelConfig` that are sizes (≥ 1) and counts (≥ 0).
 _POSITIVE_MODEL = ("ngf", "n_down", "ndf", "d_layers", "d_scales")
 _COUNT_MODEL = ("n_head_down", "n_fusion_blocks", "h_embed_dim")
 
 
 def check_values(obj: Any, where: str = "") -> None:
-    """Raise :class:`ConfigError` for a value out of its range in a :class:`ModelConfig`, :class:`DataConfig`
-    or :class:`TrainConfig` (its learning-rate schedule keys).
+    """Raise :class:`ConfigError` for a value out of its range in a :class:`ModelConfig`, :class:`LossConfig`,
+    :class:`DataConfig` or :class:`TrainConfig` (its learning-rate schedule and EMA keys).
 
     Model widths and block counts, ``n_levels ≥ 2``, ``encoder_input`` one of :data:`ENCODER_INPUTS`;
     ``data.size ≥ 1`` and ``data.mpp`` a positive finite number. Other config classes pass unchecked.
@@ -245,7 +274,16 @@ def check_values(obj: Any, where: str = "") -> None:
             raise ConfigError(f"{where}encoder_input: expected one of {', '.join(ENCODER_INPUTS)}, got {obj.encoder_input!r}")
         if not obj.name:
             raise ConfigError(f"{where}name: expected a model name, got {obj.name!r}")
+        _check_choice(obj.d_input, D_INPUTS, f"{where}d_input")
+        _check_choice(obj.d_norm, ("batch", "instance", "none"), f"{where}d_norm")
+        if obj.h_predictor < 0:
+            raise ConfigError(f"{where}h_predictor: expected an integer ≥ 0, got {obj.h_predictor!r}")
+    elif isinstance(obj, LossConfig):
+        _check_loss(obj, where)
     elif isinstance(obj, TrainConfig):
+        if not (obj.ema == 0.0 or 0.0 < obj.ema < 1.0) or obj.ema_start < 0:
+            raise ConfigError(f"{where}ema: expected 0 (off) or a decay in (0, 1) and ema_start ≥ 0, "
+                              f"got {obj.ema!r}, {obj.ema_start!r}")
         if obj.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"{where}lr_schedule: expected one of {', '.join(LR_SCHEDULES)}, got {obj.lr_schedule!r}")
         if not 0.0 <= obj.lr_decay_start <= 1.0:
@@ -259,6 +297,27 @@ def check_values(obj: Any, where: str = "") -> None:
             raise ConfigError(f"{where}mpp: expected a positive number of µm per pixel, got {obj.mpp!r}")
         if not 0.0 <= obj.val_fraction < 1.0:
             raise ConfigError(f"{where}val_fraction: expected a fraction of the training files in [0, 1), got {obj.val_fraction!r}")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], where: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_loss(obj: LossConfig, where: str) -> None:
+    """The loss options that have a range: modes, temperatures, fractions, the SSIM window."""
+    _check_choice(obj.h_mode, H_MODES, f"{where}h_mode")
+    _check_choice(obj.dab_mode, DAB_MODES, f"{where}dab_mode")
+    if not obj.h_tau > 0:
+        raise ConfigError(f"{where}h_tau: expected a temperature > 0, got {obj.h_tau!r}")
+    for name in ("gan_smooth", "cmp_start"):
+        if not 0.0 <= getattr(obj, name) <= 1.0:
+            raise ConfigError(f"{where}{name}: expected a number in [0, 1], got {getattr(obj, name)!r}")
+    if obj.ssim_win < 3 or obj.ssim_win % 2 == 0 or not obj.ssim_sigma > 0:
+        raise ConfigError(f"{where}ssim_win: expected an odd window ≥ 3 and ssim_sigma > 0, "
+                          f"got {obj.ssim_win!r}, {obj.ssim_sigma!r}")
+    if any(not (math.isfinite(a) and a >= 0) for a in obj.focal_alpha):
+        raise ConfigError(f"{where}focal_alpha: expected class weights ≥ 0, got {list(obj.focal_alpha)!r}")
 
 
 def _deep_merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
@@ -353,77 +412,3 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-# --------------------------------------------------------------------------------------------------
-# Composition: one model's preset laid over another preset's widths (the benchmark, the speed bench)
-
-#: Model names that stand for a preset of another name.
-MODEL_ALIASES: dict[str, str] = {"derestainer": "paper"}
-
-
-def _flatten_sections(d: dict[str, Any]) -> dict[tuple[str, str], Any]:
-    return {(s, k): v for s, sec in d.items() for k, v in sec.items()}
-
-
-def preset_delta(model: str) -> dict[str, dict[str, Any]]:
-    """How the preset (or YAML file) of ``model`` differs from ``paper``, as nested plain data.
-
-    >>> preset_delta("no_dab")
-    {'loss': {'dab': 0.0}}
-
-    Raises:
-        ConfigError: ``model`` is neither a preset nor a readable YAML file (the message names it).
-    """
-    name = MODEL_ALIASES.get(model, model)
-    try:
-        mine = _flatten_sections(to_dict(load_config(name)))
-    except ConfigError as exc:
-        raise ConfigError(f"model {model!r}: {exc}") from None
-    ref = _flatten_sections(to_dict(load_config("paper")))
-    delta: dict[str, dict[str, Any]] = {}
-    for (s, k), v in mine.items():
-        if ref.get((s, k)) != v:
-            delta.setdefault(s, {})[k] = v
-    return delta
-
-
-def split_target(item: str) -> tuple[str | None, str]:
-    """``'pix2pix:model.ngf=16'`` → ``('pix2pix', 'model.ngf=16')``; without a ``MODEL:`` prefix → ``(None, item)``."""
-    key = item.split("=", 1)[0]
-    if ":" in key:
-        target, rest = item.split(":", 1)
-        return target.strip(), rest
-    return None, item
-
-
-def compose_model_config(model: str, base: str = "tiny", overrides: Sequence[str] = ()) -> Config:
-    """The config of ``model`` at the width/data/training class of ``base``.
-
-    ``base ⊕ (preset(model) − paper) ⊕ overrides``: e.g. ``pix2pix`` on ``tiny`` gets tiny's widths
-    and image size but pix2pix's generator, losses, discriminator scales and optimiser settings.
-    With ``base='paper'`` this is exactly the model's preset. An override ``MODEL:section.key=value``
-    applies to that model only (e.g. ``pix2pix:model.ngf=16`` to match capacities).
-
-    Raises:
-        ConfigError: unknown model or base, malformed override, unknown section or key.
-    """
-    try:
-        d = to_dict(load_config(base))
-    except ConfigError as exc:
-        raise ConfigError(f"base config: {exc}") from None
-    for s, sec in preset_delta(model).items():
-        d[s].update(sec)
-    for entry in overrides:
-        target, item = split_target(entry)
-        if target is not None and target != model:
-            continue
-        (s, k), v = parse_override(item)
-        if s not in d:
-            raise ConfigError(f"override {item!r}: unknown section {s!r}; valid: {', '.join(d)}")
-        d[s][k] = v
-    try:
-        cfg: Config = from_dict(d)
-    except ConfigError as exc:
-        raise ConfigError(f"model {model!r}: {exc}") from None
-    return cfg

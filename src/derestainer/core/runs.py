@@ -23,6 +23,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 BEST = "best"
 GENERATOR_FILE = "generator.safetensors"
+#: The moving average of the generator in a checkpoint folder (runs with ``train.ema``): what they export.
+EMA_FILE = "generator_ema.safetensors"
 STATE_FILE = "state.json"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -107,7 +109,8 @@ def resolve_generator_file(path: str | os.PathLike[str]) -> Path:
     """The generator file to load for ``path``.
 
     Accepts an exported model file (``*.safetensors``); a training checkpoint folder
-    (``<run>/checkpoints/step-NNNNNNN/``, uses its ``generator.safetensors``); or a run folder (its
+    (``<run>/checkpoints/step-NNNNNNN/``, uses its ``generator_ema.safetensors`` — the moving average
+    of a run with ``train.ema`` — else its ``generator.safetensors``); or a run folder (its
     final ``generator.safetensors`` when training finished, else the checkpoint its ``latest``
     pointer names, else its newest checkpoint).
 
@@ -119,15 +122,17 @@ def resolve_generator_file(path: str | os.PathLike[str]) -> Path:
         return p
     if not p.exists():
         raise CheckpointError(f"{p}: no such model file or checkpoint folder")
-    if (p / GENERATOR_FILE).is_file():
-        return p / GENERATOR_FILE
+    for name in (EMA_FILE, GENERATOR_FILE):
+        if (p / name).is_file():
+            return p / name
     read_pointer(p, LATEST)  # a pointer leading out of the run folder is refused, with its own message
     try:
         ckpt = find_checkpoint(p)
     except CheckpointError:
         ckpt = None
-    if ckpt is not None and (ckpt / GENERATOR_FILE).is_file():
-        return ckpt / GENERATOR_FILE
+    for name in (EMA_FILE, GENERATOR_FILE):
+        if ckpt is not None and (ckpt / name).is_file():
+            return ckpt / name
     raise CheckpointError(
         f"{p}: no {GENERATOR_FILE} here (expected an exported model file, a checkpoint folder, or a run folder)"
     )

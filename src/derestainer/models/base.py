@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 
@@ -16,9 +17,14 @@ class GenOutput(NamedTuple):
         h_embed_he: f_H embedding of the H&E H-channel ``[N, D]``, or ``None``.
         h_embed_ihc: f_H embedding of the real IHC H-channel ``[N, D]``; only when ``ihc`` was given
             to ``forward`` (training), else ``None``.
+        aux: model-specific training outputs that a registered loss term reads
+            (:class:`derestainer.losses.terms.LossInputs`), e.g. f_H's feature maps (``h_map_he``,
+            ``h_map_ihc``), the SimSiam predictor's outputs, PatchNCE features, a low-resolution
+            output; ``None`` at inference.
     """
 
     ihc: torch.Tensor
     level_logits: torch.Tensor | None = None
     h_embed_he: torch.Tensor | None = None
     h_embed_ihc: torch.Tensor | None = None
+    aux: Mapping[str, Any] | None = None

@@ -177,6 +177,26 @@ class HEmbedHead(nn.Module):
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         return self.proj(self.down(feat).mean(dim=(2, 3)))
 
+    def forward_with_map(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embedding [N, D], feature map before pooling [N, C, h', w'])``: the map feeds L_H's InfoNCE variant."""
+        fmap = self.down(feat)
+        return self.proj(fmap.mean(dim=(2, 3))), fmap
+
+
+class HPredictor(nn.Module):
+    """SimSiam's predictor on f_H's embedding (``loss.h_mode: simsiam``): ``Linear → ReLU → Linear``.
+
+    Without SimSiam's batch norm in the hidden layer, so that it works at any per-device batch size
+    (their ablation: without it the predictor still prevents collapse). Shapes: ``[N, D] -> [N, D]``.
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
 
 class LevelHead(nn.Module):
     """f_level: ``n_down`` down-sampling blocks → global average pool → linear → ``n_levels`` logits.

@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from derestainer.layers.blocks import make_norm
+from derestainer.core.config import D_INPUTS
+from derestainer.core.errors import ConfigError
+from derestainer.layers.blocks import NORMS, make_norm
 
 
 class PatchDiscriminator(nn.Module):
@@ -29,7 +31,7 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be ≥ 1, got {n_layers}")
-        bias = norm == "none"
+        bias = norm != "batch"  # pix2pix: a bias unless batch norm cancels it
         layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         mult = 1
         for n in range(1, n_layers + 1):
@@ -46,6 +48,19 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every LeakyReLU (``n_layers + 1`` intermediate maps), then the patch logits.
+
+        pix2pixHD's ``getIntermFeat`` outputs: the feature-matching loss compares all but the last.
+        """
+        outs: list[torch.Tensor] = []
+        for layer in self.model:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                outs.append(x)
+        outs.append(x)
+        return outs
 
 
 def _init_pix2pix(m: nn.Module) -> None:
@@ -67,30 +82,43 @@ def downsample2x(x: torch.Tensor) -> torch.Tensor:
 class MultiScaleDiscriminator(nn.Module):
     """``num_scales`` independent :class:`PatchDiscriminator` s, scale ``i`` seeing the input average-pooled ``i`` times.
 
+    ``conditional=True`` (pix2pix, DeReStainer) judges the H&E and the IHC stacked as 6 channels;
+    ``False`` (BCIStainer, CUT/ASP) judges the IHC alone.
+
     ``forward(he, ihc) -> list`` of ``num_scales`` patch-logit maps ``[N, 1, H_i', W_i']``, full
-    resolution first (paper: 512 and 256 px).
+    resolution first (paper: 512 and 256 px). ``forward(he, ihc, features=True)`` returns, per
+    scale, :meth:`PatchDiscriminator.features` (intermediate maps, then the logits).
     """
 
-    def __init__(self, in_channels: int = 6, ndf: int = 64, n_layers: int = 3, num_scales: int = 2, norm: str = "batch") -> None:
+    def __init__(self, in_channels: int = 6, ndf: int = 64, n_layers: int = 3, num_scales: int = 2, norm: str = "batch",
+                 conditional: bool = True) -> None:
         super().__init__()
         if num_scales < 1:
             raise ValueError(f"num_scales must be ≥ 1, got {num_scales}")
+        self.conditional = conditional
         self.discriminators = nn.ModuleList(
             [PatchDiscriminator(in_channels, ndf, n_layers, norm=norm) for _ in range(num_scales)]
         )
 
-    def forward(self, he: torch.Tensor, ihc: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, he: torch.Tensor, ihc: torch.Tensor, features: bool = False) -> list[Any]:
         if he.shape[0] != ihc.shape[0] or he.shape[-2:] != ihc.shape[-2:]:
             raise ValueError(f"he {tuple(he.shape)} and ihc {tuple(ihc.shape)} must have the same batch size and size")
-        x = torch.cat([he, ihc], dim=1)
-        outs = []
+        x = torch.cat([he, ihc], dim=1) if self.conditional else ihc
+        outs: list[Any] = []
         for i, d in enumerate(self.discriminators):
             if i:
                 x = downsample2x(x)
-            outs.append(d(x))
+            assert isinstance(d, PatchDiscriminator)
+            outs.append(d.features(x) if features else d(x))
         return outs
 
 
 def build_discriminator(model_cfg: Any) -> MultiScaleDiscriminator:
-    """Conditional multi-scale PatchGAN from ``model_cfg`` (``ndf``, ``d_layers``, ``d_scales``); BatchNorm as pix2pix."""
-    return MultiScaleDiscriminator(in_channels=6, ndf=model_cfg.ndf, n_layers=model_cfg.d_layers, num_scales=model_cfg.d_scales)
+    """Multi-scale PatchGAN from ``model_cfg`` (``ndf``, ``d_layers``, ``d_scales``, ``d_input``, ``d_norm``)."""
+    if model_cfg.d_input not in D_INPUTS:
+        raise ConfigError(f"model.d_input must be one of {', '.join(D_INPUTS)}, got {model_cfg.d_input!r}")
+    if model_cfg.d_norm not in NORMS:
+        raise ConfigError(f"model.d_norm must be one of {', '.join(NORMS)}, got {model_cfg.d_norm!r}")
+    conditional = model_cfg.d_input == "he+ihc"
+    return MultiScaleDiscriminator(in_channels=6 if conditional else 3, ndf=model_cfg.ndf, n_layers=model_cfg.d_layers,
+                                   num_scales=model_cfg.d_scales, norm=model_cfg.d_norm, conditional=conditional)

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from derestainer.layers.modulated_conv import FusedMode
 from derestainer.models.base import GenOutput
-from derestainer.models.destainer import DeStainer, HEmbedHead, LevelHead, load_stain_matrix
+from derestainer.models.destainer import DeStainer, HEmbedHead, HPredictor, LevelHead, load_stain_matrix
 from derestainer.models.fusion import FeatureFusion
 from derestainer.models.registry import register_generator
 from derestainer.models.restainer import ReStainer
@@ -53,6 +53,7 @@ class DeReStainer(nn.Module):
         encoder_input: ``h`` (paper) | ``rgb`` | ``h+rgb``.
         norm: ``batch`` | ``none``. Instance norm is refused: per-tile statistics make seams on whole slides.
         h_embed_dim: size of the f_H embedding; 0 = the encoder's output width.
+        h_predictor: hidden width of a SimSiam predictor on f_H (``loss.h_mode: simsiam``); 0 = none.
         stop_ihc_grad: compute the IHC branch of L_H without gradients (paper: gradients flow).
         demodulate: StyleGAN2 weight demodulation in the fusion blocks.
         rgb_from_hed: 3×3 stain matrix (default Ruifrok), stored as a buffer with the weights.
@@ -61,6 +62,9 @@ class DeReStainer(nn.Module):
     ``forward(he, ihc=None) -> GenOutput``: ``he``/``ihc`` ``[N, 3, H, W]`` in ``[-1, 1]``, ``H`` and ``W``
     divisible by ``2^n_down`` and at least ``2^(n_down+1)``.
     """
+
+    #: f_H gets gradients only when ``forward`` is given the real IHC (L_H).
+    uses_ihc_input = True
 
     def __init__(
         self,
@@ -73,6 +77,7 @@ class DeReStainer(nn.Module):
         encoder_input: str = "h",
         norm: str = "batch",
         h_embed_dim: int = 0,
+        h_predictor: int = 0,
         stop_ihc_grad: bool = False,
         demodulate: bool = True,
         rgb_from_hed: np.ndarray | torch.Tensor | None = None,
@@ -92,6 +97,7 @@ class DeReStainer(nn.Module):
         c = self.destainer.out_channels
         self.f_h = HEmbedHead(c, n_head_down, embed_dim=h_embed_dim, norm=norm)
         self.f_level = LevelHead(c, n_head_down, n_levels=n_levels, norm=norm)
+        self.h_predictor = HPredictor(self.f_h.out_features, h_predictor) if h_predictor > 0 else None
         self.fusion = FeatureFusion(c, n_fusion_blocks, style_dim=n_levels, demodulate=demodulate, fused=fused_modconv)
         self.restainer = ReStainer(ngf, n_down, norm=norm)
 
@@ -130,13 +136,16 @@ class DeReStainer(nn.Module):
         level_logits = self.f_level(feat)
         styles = torch.softmax(level_logits.float(), dim=1).to(feat.dtype)  # Ŝ
         fake = self.restainer(self.fusion(feat, styles))
-        h_he = self.f_h(feat)
-        h_ihc = None
-        if ihc is not None:
-            grad = contextlib.nullcontext() if not self.stop_ihc_grad else torch.no_grad()
-            with grad, frozen_bn_stats(self.destainer, self.f_h):
-                h_ihc = self.f_h(self.destainer(ihc))
-        return GenOutput(ihc=fake, level_logits=level_logits, h_embed_he=h_he, h_embed_ihc=h_ihc)
+        if ihc is None:
+            return GenOutput(ihc=fake, level_logits=level_logits, h_embed_he=self.f_h(feat))
+        h_he, map_he = self.f_h.forward_with_map(feat)
+        grad = contextlib.nullcontext() if not self.stop_ihc_grad else torch.no_grad()
+        with grad, frozen_bn_stats(self.destainer, self.f_h):
+            h_ihc, map_ihc = self.f_h.forward_with_map(self.destainer(ihc))
+        aux: dict[str, torch.Tensor] = {"h_map_he": map_he, "h_map_ihc": map_ihc}
+        if self.h_predictor is not None:
+            aux["h_pred_he"], aux["h_pred_ihc"] = self.h_predictor(h_he), self.h_predictor(h_ihc)
+        return GenOutput(ihc=fake, level_logits=level_logits, h_embed_he=h_he, h_embed_ihc=h_ihc, aux=aux)
 
 
 def generator_kwargs(model_cfg: Any) -> dict[str, Any]:
@@ -150,6 +159,7 @@ def generator_kwargs(model_cfg: Any) -> dict[str, Any]:
         encoder_input=model_cfg.encoder_input,
         norm=model_cfg.norm,
         h_embed_dim=model_cfg.h_embed_dim,
+        h_predictor=model_cfg.h_predictor,
         stop_ihc_grad=model_cfg.stop_ihc_grad,
         demodulate=model_cfg.demodulate,
         rgb_from_hed=load_stain_matrix(model_cfg.stain_matrix),

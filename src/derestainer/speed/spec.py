@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from derestainer.core.config import MODEL_ALIASES, Config, compose_model_config, load_config
+from derestainer.core.config import Config, load_config
 from derestainer.core.errors import BenchError, ConfigError
+from derestainer.core.presets import MODEL_ALIASES, compose_model_config
 
 #: What is timed: one generator forward (``infer``) or one training step (``train``).
 BenchMode = Literal["infer", "train"]

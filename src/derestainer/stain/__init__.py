@@ -14,7 +14,7 @@ from derestainer.stain.numpy_ops import (
 # The torch functions are imported on first use, so that NumPy-only users (metrics worker processes,
 # data generation) do not pay torch's import time.
 _TORCH_FUNCTIONS = (
-    "hed_to_rgb", "od", "project_hed", "rgb_to_hed", "stain_channel", "stain_channels",
+    "hed_to_rgb", "od", "project_hed", "rgb_to_hed", "stain_channel", "stain_channels", "stain_od",
 )
 
 
@@ -44,4 +44,5 @@ __all__ = [
     "stain_concentration_np",
     "stain_index",
     "stain_matrix_from_vectors",
+    "stain_od",
 ]

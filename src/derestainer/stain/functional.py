@@ -143,3 +143,19 @@ def od(rgb: torch.Tensor) -> torch.Tensor:
     """Optical density in scikit-image's normalisation, ``log(max(rgb, EPS)) / log(EPS)`` (0 = white)."""
     with no_autocast(rgb):
         return torch.log(rgb.to(compute_dtype(rgb)).clamp_min(EPS)) / LOG_ADJUST
+
+
+def stain_od(rgb: torch.Tensor, stain: str, hed_from_rgb: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+    """One stain's concentration *before* ``T``'s clamp at 0, ``(od(rgb) @ hed_from_rgb)[k]``: ``[N, 1, H, W]``.
+
+    Linear in the optical density, so a loss on it has a gradient everywhere, also where the
+    stain is absent (negative values), unlike :func:`rgb_to_hed` whose ``max(·, 0)`` cuts it there.
+    """
+    if not rgb.is_floating_point():
+        raise TypeError("stain_od expects a float tensor in [0, 1]; convert uint8 with x.float() / 255")
+    _channels_last(rgb)
+    with no_autocast(rgb):
+        x = rgb.to(compute_dtype(rgb))
+        m = _as_matrix(hed_from_rgb, HED_FROM_RGB, x)
+        k = stain_index(stain)
+        return _matmul(torch.log(x.clamp_min(EPS)) / LOG_ADJUST, m[:, k : k + 1])

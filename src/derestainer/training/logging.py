@@ -198,3 +198,30 @@ def sample_grid(he: torch.Tensor, fake: torch.Tensor, real: torch.Tensor, rgb_fr
     tiles = torch.stack(cols, dim=1).flatten(0, 1)  # [N*6, 3, H, W], row-major: one sample per row
     grid = make_grid(tiles, nrow=len(cols), padding=padding, pad_value=1.0)
     return (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
+class LossWindow:
+    """Loss sums of the steps since the last log line, kept on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.zero = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.terms: dict[str, torch.Tensor] = {}
+        self.nonfinite: dict[str, torch.Tensor] = {}
+        self.good, self.bad = self.zero.clone(), self.zero.clone()
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], bad: torch.Tensor, nonfinite: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Add one step; returns its 0-dim float "good" flag."""
+        zero = self.zero
+        good = (~bad).to(zero.dtype)
+        for name, v in terms.items():
+            self.terms[name] = self.terms.get(name, zero) + torch.where(bad, zero, v.float())
+        for name, f in nonfinite.items():
+            self.nonfinite[name] = self.nonfinite.get(name, zero) + f.to(zero.dtype)
+        self.good += good
+        self.bad += 1.0 - good
+        self.steps += 1
+        return good

@@ -50,9 +50,10 @@ from derestainer.core.guard import output_lock, refuse_overlap
 from derestainer.core.io import write_json, write_text
 from derestainer.core.runs import clean_incomplete, list_checkpoints
 from derestainer.data.transforms import to_model_space
-from derestainer.losses import active_terms
+from derestainer.losses import active_terms, needs_of
 from derestainer.models.classifier import HER2Classifier
 from derestainer.models.files import save_generator
+from derestainer.models.vgg import VGG19Features, load_vgg19
 from derestainer.training import resume as resume_mod
 from derestainer.training import setup, step, validation
 from derestainer.training.distributed import (
@@ -64,7 +65,8 @@ from derestainer.training.distributed import (
     seed_everything,
     wrap_model,
 )
-from derestainer.training.logging import RunLogger
+from derestainer.training.ema import GeneratorEMA
+from derestainer.training.logging import LossWindow, RunLogger
 from derestainer.training.resume import Resume, ResumeMode
 from derestainer.training.sampling import EpochSampler, SeededPairs
 from derestainer.training.schedule import apply_lr
@@ -73,33 +75,6 @@ from derestainer.training.state import TrainState
 __all__ = ["Resume", "ResumeMode", "Trainer", "train"]
 
 log = logging.getLogger("derestainer.train")
-
-
-class _Window:
-    """Loss sums of the steps since the last log line, kept on the device (no host sync per step)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.zero = torch.zeros((), device=device)
-        self.reset()
-
-    def reset(self) -> None:
-        self.terms: dict[str, torch.Tensor] = {}
-        self.nonfinite: dict[str, torch.Tensor] = {}
-        self.good, self.bad = self.zero.clone(), self.zero.clone()
-        self.steps, self.t0 = 0, time.perf_counter()
-
-    def add(self, terms: dict[str, torch.Tensor], bad: torch.Tensor, nonfinite: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Add one step; returns its 0-dim float "good" flag."""
-        zero = self.zero
-        good = (~bad).to(zero.dtype)
-        for name, v in terms.items():
-            self.terms[name] = self.terms.get(name, zero) + torch.where(bad, zero, v.float())
-        for name, f in nonfinite.items():
-            self.nonfinite[name] = self.nonfinite.get(name, zero) + f.to(zero.dtype)
-        self.good += good
-        self.bad += 1.0 - good
-        self.steps += 1
-        return good
 
 
 class Trainer:
@@ -118,6 +93,8 @@ class Trainer:
     discriminator: nn.Module | None
     opt_d: torch.optim.AdamW | None
     comparator: HER2Classifier | None
+    vgg: VGG19Features | None
+    ema: GeneratorEMA | None
     train_set: SeededPairs
     sampler: EpochSampler
     batches_per_epoch: int
@@ -162,16 +139,24 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.train
         ckpt = resume_mod.resume_target(self.run_dir, resume, self.env)
         self.active = active_terms(cfg.loss)
+        self.terms_off: dict[str, str] = {}  # asked-for terms this run cannot compute, and why
         self.generator, self.discriminator = setup.build_models(cfg, self.active, self.device, self.channels_last)
         self.rgb_from_hed = setup.stain_matrix(self.generator)
         self.comparator, self.cmp_size = None, None
         if "cmp" in self.active and not tc.comparator:
-            self.warn("train.comparator is not set: L_cmp is off for this run "
-                      "(train one with `derestainer train-classifier` and pass train.comparator=FILE)")
-            self.active = self.active - {"cmp"}
+            self._term_off("cmp", "train.comparator is not set: L_cmp is off for this run "
+                           "(train one with `derestainer train-classifier` and pass train.comparator=FILE)")
         elif "cmp" in self.active:
             self.comparator, self.cmp_size = setup.load_comparator(tc.comparator, self.device, self.channels_last)
+        self.vgg = None
+        if "vgg" in self.active and not cfg.loss.vgg_weights:
+            self._term_off("vgg", "loss.vgg is set but loss.vgg_weights is not: pix2pixHD's VGG loss is off for this "
+                           "run (it needs ImageNet VGG-19 weights, which cannot be downloaded; pass a local file)")
+        elif "vgg" in self.active:
+            self.vgg = load_vgg19(cfg.loss.vgg_weights, self.device)
+        self.needs = needs_of(self.active)
         self.opt_g, self.opt_d = setup.make_optimizers(cfg, self.generator, self.discriminator)
+        self.ema = GeneratorEMA(self.generator, tc.ema, tc.ema_start) if tc.ema > 0 else None
 
         self.state = TrainState(world_size=self.env.world_size)
         if ckpt is not None:
@@ -187,8 +172,9 @@ class Trainer:
             self.logger.write({"kind": "event", "step": self.state.step, "event": "warning", "message": msg})
         self._pending.clear()
 
-        # f_H only receives gradients through L_H: without it, DDP must look for unused parameters.
-        find_unused = "h" not in self.active and hasattr(self.generator, "f_h")
+        # parameters trained only through the IHC branch (f_H, PatchNCE heads) or a variant's head
+        # (the SimSiam predictor) get no gradient without it: DDP must then look for unused parameters.
+        find_unused = setup.has_unused_parameters(self.generator, self.needs, cfg.loss)
         self.g_train = wrap_model(self.generator, self.env, sync_bn=tc.sync_bn, find_unused=find_unused)
         self.d_train = (wrap_model(self.discriminator, self.env, sync_bn=tc.sync_bn)
                         if self.discriminator is not None else None)
@@ -225,6 +211,17 @@ class Trainer:
         if self.logger is None:
             raise RuntimeError("the run logger is not open yet")
         return self.logger
+
+    def _term_off(self, term: str, msg: str) -> None:
+        """Switch an asked-for term off for this run, with a warning and a record in the summary."""
+        self.warn(msg)
+        self.active = self.active - {term}
+        self.terms_off[term] = msg
+
+    @property
+    def model(self) -> nn.Module:
+        """The generator that validation scores and the run exports: the moving average when ``train.ema`` is on."""
+        return self.ema.module if self.ema is not None else self.generator
 
     def warn(self, msg: str) -> None:
         """Log a warning (rank 0), into the run log too once it is open."""
@@ -316,7 +313,7 @@ class Trainer:
     def _loop(self) -> None:
         tc, st = self.cfg.train, self.state
         batches = self._batches()
-        win = _Window(self.device)
+        win = LossWindow(self.device)
         streak = torch.full((), float(st.bad_streak), device=self.device)
         max_streak = streak.clone()
         check_every = max(1, min(tc.log_every or tc.max_bad_steps, tc.max_bad_steps))
@@ -351,10 +348,10 @@ class Trainer:
                     st.bad_streak = int(streak.item())
                 resume_mod.write_checkpoint(self)
         if self.env.is_main and tc.steps > 0:
-            save_generator(self.run_dir / "generator.safetensors", self.generator, self.cfg,
-                           extra={"step": st.step, "epoch": st.epoch})
+            save_generator(self.run_dir / "generator.safetensors", self.model, self.cfg,
+                           extra={"step": st.step, "epoch": st.epoch, "ema": self.ema is not None})
 
-    def _check_streak(self, max_streak: int, win: _Window) -> None:
+    def _check_streak(self, max_streak: int, win: LossWindow) -> None:
         """Raise :class:`TrainingError` after ``train.max_bad_steps`` consecutive non-finite steps."""
         st, limit = self.state, self.cfg.train.max_bad_steps
         if max_streak < limit:
@@ -371,7 +368,7 @@ class Trainer:
         st = self.state
         return st.epoch + (1 if st.batch_in_epoch >= self.batches_per_epoch else 0)
 
-    def _log_window(self, win: _Window) -> None:
+    def _log_window(self, win: LossWindow) -> None:
         seconds = time.perf_counter() - win.t0
         names, nf_names = sorted(win.terms), sorted(win.nonfinite)
         vec = torch.stack([win.terms[k] for k in names] + [win.nonfinite[k] for k in nf_names] + [win.good, win.bad])
@@ -419,6 +416,9 @@ class Trainer:
             "validation_set": self._validation_source(),
             "best": {"metric": self.cfg.train.best_metric, "value": st.best_value, "step": st.best_step},
             "skipped_steps": st.skipped_steps,
+            "active_terms": sorted(self.active) if hasattr(self, "active") else [],
+            "terms_off": getattr(self, "terms_off", {}),
+            "ema": self.cfg.train.ema or None,
             "checkpoint": str(ckpts[-1]) if ckpts else None,
             "config": to_dict(self.cfg),
         }

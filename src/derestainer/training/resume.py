@@ -67,7 +67,8 @@ def load_into(tr: Trainer, ckpt: Path) -> None:
     """
     diffs = check_compatible(ckpt, tr.cfg)
     tr.state = load_checkpoint(ckpt, generator=tr.generator, discriminator=tr.discriminator,
-                               opt_g=tr.opt_g, opt_d=tr.opt_d, cfg=tr.cfg)
+                               opt_g=tr.opt_g, opt_d=tr.opt_d, cfg=tr.cfg,
+                               ema=tr.ema.module if tr.ema is not None else None)
     st, env = tr.state, tr.env
     rng = st.rng
     if isinstance(rng, list):  # one state per rank (older, single-process checkpoints: one dict)
@@ -122,7 +123,8 @@ def write_checkpoint(tr: Trainer) -> None:
     tr.last_ckpt_step = st.step
     if tr.env.is_main:
         path = save_checkpoint(tr.run_dir, generator=tr.generator, discriminator=tr.discriminator,
-                               opt_g=tr.opt_g, opt_d=tr.opt_d, cfg=tr.cfg, state=st)
+                               opt_g=tr.opt_g, opt_d=tr.opt_d, cfg=tr.cfg, state=st,
+                               ema=tr.ema.module if tr.ema is not None else None)
         keep = set()
         if st.best_step is not None:
             best = checkpoint_dir(tr.run_dir, st.best_step)

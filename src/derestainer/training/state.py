@@ -37,7 +37,16 @@ from derestainer.core.config import from_dict, to_dict
 from derestainer.core.errors import CheckpointError, ConfigError
 from derestainer.core.fileformat import check_fit, expect_kind, load_tensors, read_header, read_meta, save_tensors
 from derestainer.core.io import jsonable, write_json, write_text
-from derestainer.core.runs import CHECKPOINTS, LATEST, STATE_FILE, TMP_PREFIX, checkpoint_dir, list_checkpoints, read_pointer
+from derestainer.core.runs import (
+    CHECKPOINTS,
+    EMA_FILE,
+    LATEST,
+    STATE_FILE,
+    TMP_PREFIX,
+    checkpoint_dir,
+    list_checkpoints,
+    read_pointer,
+)
 from derestainer.models.files import save_generator
 from derestainer.training.plaindata import check_rng_state, load_optimizer, save_optimizer
 
@@ -120,6 +129,7 @@ def save_checkpoint(
     opt_d: torch.optim.Optimizer | None,
     cfg: Any,
     state: TrainState,
+    ema: torch.nn.Module | None = None,
 ) -> Path:
     """Write a complete checkpoint for ``state.step`` atomically and point ``<run>/latest`` at it.
 
@@ -134,6 +144,8 @@ def save_checkpoint(
     try:
         extra = {"step": state.step, "epoch": state.epoch}
         save_generator(tmp / "generator.safetensors", generator, cfg, extra=extra)
+        if ema is not None:
+            save_generator(tmp / EMA_FILE, ema, cfg, extra={**extra, "ema": True})
         if discriminator is not None:
             d = getattr(discriminator, "module", discriminator)
             save_tensors(tmp / "discriminator.safetensors", d.state_dict(),
@@ -254,6 +266,7 @@ def load_checkpoint(
     opt_g: torch.optim.Optimizer,
     opt_d: torch.optim.Optimizer | None,
     cfg: Any,
+    ema: torch.nn.Module | None = None,
 ) -> TrainState:
     """Load a checkpoint folder into the given (unwrapped) modules and optimizers; return its state.
 
@@ -264,6 +277,11 @@ def load_checkpoint(
     state, theirs = read_state(p)
     check_compatible(p, cfg, theirs)
     _load_module(p / "generator.safetensors", generator, "generator")
+    if ema is not None:
+        if (p / EMA_FILE).is_file():
+            _load_module(p / EMA_FILE, ema, "generator")
+        else:  # a checkpoint of a run without train.ema: the average starts from the trained weights
+            ema.load_state_dict(generator.state_dict())
     if discriminator is not None:
         _load_module(p / "discriminator.safetensors", discriminator, "discriminator")
     load_optimizer(p / "optim_g.safetensors", opt_g)
@@ -292,10 +310,11 @@ def verify_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(ckpt)
     state, _ = read_state(p)
     files = []
-    for name, kind in (("generator.safetensors", "generator"), ("discriminator.safetensors", "discriminator"),
+    for name, kind in (("generator.safetensors", "generator"), (EMA_FILE, "generator"),
+                       ("discriminator.safetensors", "discriminator"),
                        ("optim_g.safetensors", "optimizer"), ("optim_d.safetensors", "optimizer")):
         f = p / name
-        if not f.exists() and name in ("discriminator.safetensors", "optim_d.safetensors"):
+        if not f.exists() and name in (EMA_FILE, "discriminator.safetensors", "optim_d.safetensors"):
             continue
         expect_kind(read_meta(f), kind, f)
         load_tensors(f)

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from derestainer.losses import gan_losses, generator_losses
+from derestainer.losses import gan_d_loss, generator_losses
+from derestainer.losses.terms import COMPARATOR, D_FEATURES, IHC_INPUT, VGG
 from derestainer.models.classifier import prepare_images
 from derestainer.training.distributed import all_reduce_max
 
@@ -121,35 +122,22 @@ def train_step(
     n = len(micro_batches)
     sums: dict[str, torch.Tensor] = {}
     bad = torch.zeros((), dtype=torch.bool, device=tr.device)
-    need_ihc = "h" in tr.active
+    progress = tr.state.step / max(tr.cfg.train.steps, 1)  # before this step: a function of the step
     for k, batch in enumerate(micro_batches):
-        last = k == n - 1
         he, ihc = tr.to_device(batch["he"]), tr.to_device(batch["ihc"])
         level = batch["level"].to(tr.device, non_blocking=True)
-        with no_sync(G, not last), no_sync(D, not last):
+        with no_sync(G, k < n - 1), no_sync(D, k < n - 1):
             with tr.autocast():
-                out = G(he, ihc if need_ihc else None)
-            d_fake_g = None
-            if D is not None and tr.discriminator is not None:
-                with tr.autocast():
-                    d_real = D(he, ihc)
-                    d_fake = D(he, out.ihc.detach())
-                d_loss = gan_losses(tr.cfg.loss.gan_mode)[0](d_real, d_fake)
+                out = G(he, ihc if IHC_INPUT in tr.needs else None)
+            extra, d_loss = _adversarial(tr, he, ihc, out.ihc)
+            if d_loss is not None:
                 (d_loss / n).backward()
                 bad = bad | ~torch.isfinite(d_loss)
                 sums["d"] = sums["d"] + d_loss.detach() if "d" in sums else d_loss.detach()
-                # D judges G's output with frozen weights and without DDP hooks (no D gradients).
-                with requires_grad(tr.discriminator, False), tr.autocast():
-                    d_fake_g = tr.discriminator(he, out.ihc)
-            f_fake = f_real = None
-            if tr.comparator is not None:
-                # resize in float32 (antialiased resampling has no bf16 kernel), then embed under autocast
-                with tr.autocast():
-                    f_fake = tr.comparator.features(prepare_images(out.ihc.float(), tr.cmp_size))
-                    with torch.no_grad():
-                        f_real = tr.comparator.features(prepare_images(ihc.float(), tr.cmp_size))
-            total, terms = generator_losses(out, he, ihc, level, d_fake_g, f_fake, f_real, tr.cfg.loss,
-                                            tr.rgb_from_hed)
+            extra.update(_frozen_features(tr, ihc, out.ihc, progress))
+            total, terms = generator_losses(out, he, ihc, level, extra.pop("d_fake"), extra.pop("cmp_fake"),
+                                            extra.pop("cmp_real"), tr.cfg.loss, tr.rgb_from_hed, progress=progress,
+                                            **extra)
             (total / n).backward()
         bad = bad | ~torch.isfinite(total)
         for name, v in terms.items():
@@ -160,5 +148,48 @@ def train_step(
     guarded_step(tr.opt_g, bad)
     tr.g_guard.restore_if(bad)
     tr.d_guard.restore_if(bad)
+    if tr.ema is not None:
+        tr.ema.update(tr.generator, tr.state.step + 1, bad)
     means = {name: v / n for name, v in sums.items()}
     return means, bad, {name: ~torch.isfinite(v) for name, v in means.items()}
+
+
+def _adversarial(tr: Trainer, he: torch.Tensor, ihc: torch.Tensor,
+                 fake: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """The discriminator's loss on this micro-batch (None without D) and what G's GAN terms need:
+    ``d_fake`` (D's logits on the generated pair, D frozen) and, for feature matching, the
+    intermediate features of both pairs (``d_fake_feats``, ``d_real_feats``, real ones detached)."""
+    D, lc = tr.d_train, tr.cfg.loss
+    if D is None or tr.discriminator is None:
+        return {"d_fake": None}, None
+    feats = D_FEATURES in tr.needs
+    with tr.autocast():
+        d_real = D(he, ihc, features=feats)
+        d_fake = D(he, fake.detach())
+    d_real_logits = [f[-1] for f in d_real] if feats else d_real
+    d_loss = gan_d_loss(lc.gan_mode, d_real_logits, d_fake, smooth=lc.gan_smooth)
+    # D judges G's output with frozen weights and without DDP hooks (no D gradients).
+    with requires_grad(tr.discriminator, False), tr.autocast():
+        d_fake_g = tr.discriminator(he, fake, features=feats)
+    if not feats:
+        return {"d_fake": d_fake_g}, d_loss
+    return {"d_fake": [f[-1] for f in d_fake_g], "d_fake_feats": [f[:-1] for f in d_fake_g],
+            "d_real_feats": [[t.detach() for t in f[:-1]] for f in d_real]}, d_loss
+
+
+def _frozen_features(tr: Trainer, ihc: torch.Tensor, fake: torch.Tensor, progress: float) -> dict[str, Any]:
+    """Features of the frozen networks: the comparator's (``cmp_fake`` / ``cmp_real``, from
+    ``loss.cmp_start`` on) and the VGG-19's (``vgg_fake`` / ``vgg_real``)."""
+    out: dict[str, Any] = {"cmp_fake": None, "cmp_real": None}
+    if tr.comparator is not None and COMPARATOR in tr.needs and progress >= tr.cfg.loss.cmp_start:
+        # resize in float32 (antialiased resampling has no bf16 kernel), then embed under autocast
+        with tr.autocast():
+            out["cmp_fake"] = tr.comparator.features(prepare_images(fake.float(), tr.cmp_size))
+            with torch.no_grad():
+                out["cmp_real"] = tr.comparator.features(prepare_images(ihc.float(), tr.cmp_size))
+    if tr.vgg is not None and VGG in tr.needs:
+        with tr.autocast():
+            out["vgg_fake"] = tr.vgg(fake)
+            with torch.no_grad():
+                out["vgg_real"] = tr.vgg(ihc)
+    return out

@@ -30,10 +30,10 @@ def better(metric: str, new: float, old: float | None) -> bool:
 
 @torch.inference_mode()
 def evaluate(tr: Trainer, max_items: int = 0) -> dict[str, Any]:
-    """SSIM / PSNR and f_level accuracy of ``tr.generator`` on ``tr.val_set`` (see :meth:`Trainer.evaluate`)."""
+    """SSIM / PSNR and f_level accuracy of ``tr.model`` (the moving average with ``train.ema``) on ``tr.val_set`` (see :meth:`Trainer.evaluate`)."""
     if tr.val_set is None:
         raise ValueError("evaluate() needs a validation split")
-    G = tr.generator
+    G = tr.model
     was_training = G.training
     G.eval()
     n = len(tr.val_set)  # type: ignore[arg-type]  # torch's Dataset declares no __len__
@@ -107,7 +107,7 @@ def write_samples(tr: Trainer) -> None:
     """Rank 0: the sample grid of ``tr.sample_items`` to ``<run>/samples/step-NNNNNNN.png`` and the logs."""
     if not tr.env.is_main or not tr.sample_items:
         return
-    G = tr.generator
+    G = tr.model
     was_training = G.training
     G.eval()
     he = torch.stack([it["he"] for it in tr.sample_items])
