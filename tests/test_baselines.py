@@ -1,4 +1,4 @@
-"""Baselines in the same framework: pix2pix, PyramidPix2Pix, pix2pixHD-style; their presets and the ablation presets."""
+"""Baselines in the same framework: pix2pix, PyramidPix2Pix, pix2pixHD; their presets and the ablation presets."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_registered_and_preset_resolves(name: str) -> None:
     assert cfg.model.name == name
     # The baselines have no f_level / f_H and no comparator: those terms must be off.
     assert cfg.loss.level == 0 and cfg.loss.stain == 0 and cfg.loss.content == 0
-    assert cfg.loss.gan > 0 and (cfg.loss.l1 > 0 or cfg.loss.pyramid > 0)
+    assert cfg.loss.gan > 0 and (cfg.loss.l1 > 0 or cfg.loss.pyramid > 0 or cfg.loss.fm > 0)
 
 
 def test_preset_settings_follow_the_originals() -> None:
@@ -32,8 +32,10 @@ def test_preset_settings_follow_the_originals() -> None:
     assert (p2p.model.n_down, p2p.model.n_fusion_blocks, p2p.model.norm) == (2, 9, "batch")
     # PyramidPix2Pix (BCI code, pattern L1_L2_L3_L4): 25 on each of 4 levels, full resolution included.
     assert (pyr.loss.pyramid, pyr.loss.pyramid_levels, pyr.loss.l1) == (25.0, 4, 0.0)
-    # pix2pixHD-style: global generator (4 downs) and a 2-scale discriminator.
-    assert (hd.model.n_down, hd.model.d_scales) == (4, 2)
+    # pix2pixHD: global generator (4 downs), a 2-scale instance-norm discriminator, LSGAN, lambda_feat 10 on
+    # feature matching and on VGG (that one only with local weights), no L1.
+    assert (hd.model.n_down, hd.model.d_scales, hd.model.d_norm, hd.loss.gan_mode) == (4, 2, "instance", "lsgan")
+    assert (hd.loss.fm, hd.loss.vgg, hd.loss.vgg_weights, hd.loss.l1) == (10.0, 10.0, "", 0.0)
 
 
 @pytest.mark.parametrize("preset,field,value", [("no_stain", "stain", 0.0), ("no_dab", "dab", 0.0)])
@@ -71,7 +73,13 @@ def test_forward_backward_with_discriminator_and_losses(name: str, size: int) ->
     loss_fn = GeneratorLoss(cfg.loss)
     total, terms = loss_fn(out, he, ihc, level=torch.tensor([0, 3]), d_fake_outputs=disc(he, out.ihc))
     assert torch.isfinite(total)
-    assert set(terms) - {"total"} == ({"gan", "pyramid"} if name == "pyramidpix2pix" else {"gan", "l1"})
+    expected = {"pix2pix": {"gan", "l1"}, "pyramidpix2pix": {"gan", "pyramid"}, "pix2pixhd": {"gan"}}[name]
+    assert set(terms) - {"total"} == expected  # pix2pixHD's fm needs D's features, its VGG term weights
+    if name == "pix2pixhd":
+        fake_f, real_f = disc(he, out.ihc, features=True), disc(he, ihc, features=True)
+        total, terms = loss_fn(out, he, ihc, d_fake_outputs=[f[-1] for f in fake_f],
+                               d_fake_feats=[f[:-1] for f in fake_f], d_real_feats=[f[:-1] for f in real_f])
+        assert set(terms) - {"total"} == {"gan", "fm"} and cfg.loss.fm == 10.0 and cfg.loss.l1 == 0.0
     total.backward()
     for pname, p in gen.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
@@ -79,6 +87,35 @@ def test_forward_backward_with_discriminator_and_losses(name: str, size: int) ->
     d_loss = lsgan_d_loss(disc(he, ihc), disc(he, out.ihc.detach()))
     d_loss.backward()
     assert all(p.grad is not None for p in disc.parameters())
+
+
+def test_pix2pixhd_overfits_one_batch_by_feature_matching() -> None:
+    # G alone against a fixed discriminator: matching D's features of the real pair pulls G's output to it.
+    import torch.nn.functional as F
+
+    from derestainer.losses import GeneratorLoss, mae_loss
+    from derestainer.models.discriminator import build_discriminator
+
+    torch.manual_seed(0)
+    cfg = load_config("pix2pixhd", TINY + ["model.d_layers=2", "loss.gan=0"])
+    gen, disc = create_generator(cfg.model), build_discriminator(cfg.model).eval()
+    for p in disc.parameters():
+        p.requires_grad_(False)
+    he = F.avg_pool2d(torch.rand(2, 3, 32, 32) * 2 - 1, 5, 1, 2)
+    ihc = F.avg_pool2d(torch.rand(2, 3, 32, 32) * 2 - 1, 5, 1, 2)
+    real = [[t.detach() for t in f[:-1]] for f in disc(he, ihc, features=True)]
+    loss_fn, opt = GeneratorLoss(cfg.loss), torch.optim.Adam(gen.parameters(), 2e-3)
+    fm, l1 = [], []
+    for _ in range(60):
+        out = gen(he)
+        total, terms = loss_fn(out, he, ihc, d_fake_feats=[f[:-1] for f in disc(he, out.ihc, features=True)],
+                               d_real_feats=real)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        fm.append(float(terms["fm"]))
+        l1.append(float(mae_loss(out.ihc, ihc).detach()))
+    assert fm[-1] < 0.25 * fm[0] and l1[-1] < 0.7 * l1[0], (fm[0], fm[-1], l1[0], l1[-1])
 
 
 def test_resnet_generator_matches_cyclegan_size() -> None:
