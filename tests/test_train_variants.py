@@ -51,6 +51,16 @@ def test_ema_update_is_the_moving_average_and_skips_bad_steps() -> None:
     ema.update(lin, 4, skipped=torch.tensor(True))
     torch.testing.assert_close(ema.module.weight, torch.full((1, 2), expected))
     assert not any(p.requires_grad for p in ema.module.parameters())
+    # BatchNorm running statistics are averaged too (as ema_pytorch), its batch counter copied
+    bn = torch.nn.BatchNorm1d(1)
+    ema_bn = GeneratorEMA(bn, beta=0.5, start=0)
+    for step, v in enumerate([2.0, 4.0, 8.0], start=1):
+        with torch.no_grad():
+            bn.running_mean.fill_(v)
+            bn.num_batches_tracked.fill_(step)
+        ema_bn.update(bn, step)
+    assert float(ema_bn.module.running_mean) == pytest.approx(0.5 * (0.5 * 2.0 + 0.5 * 4.0) + 0.5 * 8.0)
+    assert int(ema_bn.module.num_batches_tracked) == 3
     with pytest.raises(ValueError, match="train.ema"):
         GeneratorEMA(lin, beta=1.0)
 
@@ -119,3 +129,17 @@ def test_comparator_term_starts_late(data: Path, tmp_path: Path, monkeypatch: py
     recs = [r for r in read_jsonl(tmp_path / "run" / "log.jsonl") if r["kind"] == "train"]
     assert ["cmp" in r for r in recs] == [False, False, True, True]
     assert "cmp" in summary["active_terms"]
+
+
+def test_warmup_fraction_is_a_share_of_the_steps() -> None:
+    from derestainer.core.config import TrainConfig, load_config
+    from derestainer.training.schedule import lr_factor, warmup_steps
+
+    assert warmup_steps(TrainConfig(steps=300, warmup_fraction=1 / 3)) == 100
+    assert warmup_steps(TrainConfig(steps=300, warmup_steps=7, warmup_fraction=0.5)) == 7  # steps win
+    tc = load_config("bcistainer", ["train.steps=300"]).train
+    w = warmup_steps(tc)
+    # BCIStainer: linear warm-up over the first third, then cosine from the full rate to 0
+    factors = [lr_factor(k, 300, tc.lr_schedule, tc.lr_decay_start, w) for k in (0, 49, 99, 100, 200, 299)]
+    assert factors[:3] == pytest.approx([1 / 100, 50 / 100, 1.0])
+    assert factors[3] == pytest.approx(1.0) and factors[4] == pytest.approx(0.5) and factors[5] < 1e-3

@@ -140,6 +140,7 @@ class TrainConfig:
     lr_schedule: str = "constant"       # constant | linear | cosine (decay to zero at train.steps), G and D
     lr_decay_start: float = 0.0         # fraction of train.steps held at train.lr before the decay
     warmup_steps: int = 0               # linear warm-up from 0 over this many steps (0 = none)
+    warmup_fraction: float = 0.0        # or over this fraction of train.steps (used when warmup_steps is 0)
     ema: float = 0.0                    # decay of an exponential moving average of G, saved as the model (0 = off; BCIStainer 0.99)
     ema_start: int = 0                  # steps before the average starts (it copies G until then; BCIStainer 100)
 
@@ -290,6 +291,8 @@ def check_values(obj: Any, where: str = "") -> None:
             raise ConfigError(f"{where}lr_decay_start: expected a fraction of train.steps in [0, 1], got {obj.lr_decay_start!r}")
         if obj.warmup_steps < 0:
             raise ConfigError(f"{where}warmup_steps: expected an integer ≥ 0, got {obj.warmup_steps!r}")
+        if not 0.0 <= obj.warmup_fraction <= 1.0:
+            raise ConfigError(f"{where}warmup_fraction: expected a fraction of train.steps in [0, 1], got {obj.warmup_fraction!r}")
     elif isinstance(obj, DataConfig):
         if obj.size < 1:
             raise ConfigError(f"{where}size: expected an image size ≥ 1 px, got {obj.size!r}")

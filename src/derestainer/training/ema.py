@@ -4,8 +4,9 @@ BCIStainer uses ``ema_pytorch.EMA(G, beta=0.99, update_after_step=100, update_ev
 the average copies G for the first ``update_after_step`` steps, then follows
 ``θ̄ ← d·θ̄ + (1 − d)·θ`` with a decay that warms up, ``d_k = min(beta, 1 − (1 + k)^−power)`` for the
 ``k``-th update after that (``k = 0`` first: ``d = 0``, a copy). The same rule here, with
-``beta = train.ema``, ``update_after_step = train.ema_start`` and ``power = 1``; buffers (BatchNorm
-statistics) are copied, not averaged, as ema_pytorch does.
+``beta = train.ema``, ``update_after_step = train.ema_start`` and ``power = 1``. Floating-point buffers
+(BatchNorm running statistics) are averaged with the same decay and integer ones (batch counters)
+copied, as ema_pytorch 0.0.10 (the version BCIStainer pins) does.
 
 The average is what validation scores and what the run's ``generator.safetensors`` holds; checkpoints
 keep both (``generator.safetensors`` the trained weights, ``generator_ema.safetensors`` the average).
@@ -58,4 +59,5 @@ class GeneratorEMA:
             new = avg * d + p.detach() * (1.0 - d) if d > 0 else p.detach()
             avg.copy_(new if skipped is None else torch.where(skipped, avg, new))
         for avg_b, b in zip(self.module.buffers(), model.buffers()):
-            avg_b.copy_(b if skipped is None else torch.where(skipped, avg_b, b))
+            new_b = avg_b * d + b * (1.0 - d) if d > 0 and b.is_floating_point() else b
+            avg_b.copy_(new_b if skipped is None else torch.where(skipped, avg_b, new_b))
