@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from derestainer.core.config import Config, to_dict
 from derestainer.core.fileformat import load_tensors
 from derestainer.core.io import list_images
 from derestainer.inference.folders import collect_inputs
@@ -46,18 +47,57 @@ def data_digest(dirs: dict[str, Path]) -> str:
     return fingerprint(items)
 
 
+def _portable(cfg_d: dict[str, Any]) -> dict[str, Any]:
+    """The config without where things are (data root, run folder, comparator path, device)."""
+    return {**cfg_d, "data": {**cfg_d["data"], "root": ""},
+            "train": {**cfg_d["train"], "out": "", "comparator": "", "device": ""}}
+
+
+def non_default(cfg_d: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per section, the keys whose value differs from :class:`~derestainer.core.config.Config`'s default.
+
+    Two configs with the same non-default values train the same way, also when one was written before
+    an option existed (a new option's default keeps the old behaviour): what the train fingerprint hashes.
+    """
+    defaults = to_dict(Config())
+    return {sec: {k: v for k, v in sorted(vals.items()) if defaults.get(sec, {}).get(k, _MISSING) != v}
+            for sec, vals in sorted(cfg_d.items()) if isinstance(vals, dict)}
+
+
+_MISSING = object()
+
+
 def run_fingerprints(cfg_d: dict[str, Any], comparator_digest: str | None, evaluator_digest: str,
                      data_id: str) -> tuple[str, str]:
     """``(train, eval)`` fingerprints of one run from its resolved config (:func:`~derestainer.core.config.to_dict`).
 
     They leave out where things are (data root, run folder, classifier paths: an output folder may be
-    moved; the device) and keep what they are (file names and sizes, classifier digests).
+    moved; the device) and keep what they are (file names and sizes, classifier digests). The train
+    fingerprint hashes the config's non-default values (:func:`non_default`), so that a new option
+    at its default does not make finished runs look different.
     """
-    portable = {**cfg_d, "data": {**cfg_d["data"], "root": ""},
-                "train": {**cfg_d["train"], "out": "", "comparator": "", "device": ""}}
-    train_fp = fingerprint({"config": portable, "comparator": comparator_digest, "data": data_id})
+    train_fp = fingerprint({"config": non_default(_portable(cfg_d)), "comparator": comparator_digest, "data": data_id})
     eval_fp = fingerprint({"evaluator": evaluator_digest, "data": data_id, "protocol": EVAL_PROTOCOL})
     return train_fp, eval_fp
+
+
+def legacy_train_fingerprint(cfg_d: dict[str, Any], comparator_digest: str | None, data_id: str) -> str:
+    """The train fingerprint of records written before :func:`non_default`: a hash of the whole config."""
+    return fingerprint({"config": _portable(cfg_d), "comparator": comparator_digest, "data": data_id})
+
+
+def adoptable(record: dict[str, Any], cfg_d: dict[str, Any], comparator_digest: str | None, data_id: str) -> bool:
+    """Whether a finished run recorded with a legacy fingerprint was made with the configuration ``cfg_d``.
+
+    True when the record's stored config is the one its fingerprint was computed from (the hash
+    matches, so the stored config was not edited) and has the same non-default values as ``cfg_d``.
+    """
+    stored = record.get("config")
+    if not isinstance(stored, dict) or not isinstance(stored.get("data"), dict) or not isinstance(stored.get("train"), dict):
+        return False
+    if record.get("train_fingerprint") != legacy_train_fingerprint(stored, comparator_digest, data_id):
+        return False
+    return non_default(_portable(stored)) == non_default(_portable(cfg_d))
 
 
 def generator_params(path: Path) -> int:

@@ -20,6 +20,7 @@ from derestainer.benchmark.records import (
     EVAL_PROTOCOL,
     MARKER,
     TRAINED_MARKER,
+    adoptable,
     data_digest,
     fingerprint,
     generator_params,
@@ -67,12 +68,14 @@ def run_one(
     cfg = run_config(spec, model, seed, folder, comparator)
     cfg_d = to_dict(cfg)
     comparator_digest = classifiers["comparator"]["digest"] if cfg.train.comparator else None
-    train_fp, eval_fp = run_fingerprints(cfg_d, comparator_digest, classifiers["evaluator"]["digest"],
-                                         data_id if data_id is not None else data_digest(dirs))
+    data_id = data_id if data_id is not None else data_digest(dirs)
+    train_fp, eval_fp = run_fingerprints(cfg_d, comparator_digest, classifiers["evaluator"]["digest"], data_id)
     tag = f"[{model} seed {seed}]"
     marker = folder / MARKER
     if marker.is_file():
         record = json.loads(marker.read_text())
+        if record.get("train_fingerprint") != train_fp and adoptable(record, cfg_d, comparator_digest, data_id):
+            record = _adopt(folder, record, train_fp, tag, log)
         _check_fresh(record, train_fp, folder)
         if record.get("eval_fingerprint") == eval_fp:
             log(f"{tag} done before: skipped")
@@ -151,6 +154,18 @@ def run_floor(spec: BenchmarkSpec, kind: str, dirs: dict[str, Path], classifiers
               "pred_dir": str((folder / "pred").relative_to(spec.out))}
     write_json(marker, record)
     return {**record, "skipped": False}
+
+
+def _adopt(folder: Path, record: dict[str, Any], train_fp: str, tag: str, log: Log) -> dict[str, Any]:
+    """Re-stamp a finished run whose legacy fingerprint was made from today's configuration
+    (:func:`~derestainer.benchmark.records.adoptable`) with today's fingerprint; returns the record."""
+    log(f"{tag} recorded by an earlier version with the same configuration: kept")
+    record = {**record, "train_fingerprint": train_fp}
+    write_json(folder / MARKER, record)
+    trained = folder / TRAINED_MARKER
+    if trained.is_file():
+        write_json(trained, {**json.loads(trained.read_text()), "train_fingerprint": train_fp})
+    return record
 
 
 def _check_fresh(record: dict[str, Any] | None, train_fp: str, folder: Path) -> None:

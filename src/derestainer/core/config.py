@@ -76,6 +76,13 @@ class LossConfig:
     pyramid_levels: int = 4
     l1: float = 0.0                     # plain L1 in model space (pix2pix λ=100 on [-1,1])
     lowres: float = 0.0                 # MAE of a low-resolution output head, out.aux["ihc_low"] (BCIStainer: 10)
+    nce: float = 0.0                    # CUT's PatchNCE, H&E ↔ generated, on G's encoder features (ASP: lambda_NCE 10)
+    nce_tau: float = 0.07               # PatchNCE temperature of both NCE terms (ASP/CUT: nce_T 0.07)
+    nce_all_negatives: bool = False     # negatives from every image of the minibatch, not only the same one (ASP: False)
+    asp: float = 0.0                    # adaptive supervised PatchNCE, generated ↔ real IHC (ASP: lambda_asp 10)
+    asp_mode: str = "lambda_linear"     # ASP weighting "<schedule>_<lookup>" (ASP: lambda_linear) | none (plain supervised PatchNCE)
+    asp_decay_start: float = 0.75       # "lambda" schedule: fraction of training before the weights adapt (ASP: 30 of 40 epochs)
+    asp_gp: float = 0.0                 # ASP's Gaussian-pyramid L1, 6 levels, weights 1/64 … 1 (ASP: lambda_gp 10)
     fm: float = 0.0                     # discriminator feature matching (pix2pixHD: 10)
     vgg: float = 0.0                    # VGG-19 perceptual loss (pix2pixHD: 10); runs only with vgg_weights
     vgg_weights: str = ""               # local torchvision VGG-19 weights (.safetensors); "" = VGG loss off, with a warning
@@ -248,6 +255,10 @@ ENCODER_INPUTS: tuple[str, ...] = ("h", "rgb", "h+rgb")
 H_MODES: tuple[str, ...] = ("cosine", "simsiam", "infonce")
 #: ``loss.dab_mode``: L_DAB on DAB channel images (the paper's, clamped) or on DAB optical density.
 DAB_MODES: tuple[str, ...] = ("clamped", "od")
+#: ``loss.asp_mode`` schedules: how ASP's ``p`` (the weight of uniform weighting) follows training progress.
+ASP_SCHEDULES: tuple[str, ...] = ("sigmoid", "linear", "lambda", "zero")
+#: ``loss.asp_mode`` lookups: the weight of a patch as a function of its positive's cosine.
+ASP_LOOKUPS: tuple[str, ...] = ("top", "linear", "bell", "uniform")
 #: ``model.d_input``: what the discriminator sees.
 D_INPUTS: tuple[str, ...] = ("he+ihc", "ihc")
 #: Fields of :class:`ModelConfig` that are sizes (≥ 1) and counts (≥ 0).
@@ -319,6 +330,13 @@ def _check_loss(obj: LossConfig, where: str) -> None:
     if obj.ssim_win < 3 or obj.ssim_win % 2 == 0 or not obj.ssim_sigma > 0:
         raise ConfigError(f"{where}ssim_win: expected an odd window ≥ 3 and ssim_sigma > 0, "
                           f"got {obj.ssim_win!r}, {obj.ssim_sigma!r}")
+    if not obj.nce_tau > 0 or not 0.0 <= obj.asp_decay_start <= 1.0:
+        raise ConfigError(f"{where}nce_tau: expected a temperature > 0 and asp_decay_start in [0, 1], "
+                          f"got {obj.nce_tau!r}, {obj.asp_decay_start!r}")
+    schedule, _, lookup = obj.asp_mode.partition("_")
+    if obj.asp_mode != "none" and (schedule not in ASP_SCHEDULES or lookup not in ASP_LOOKUPS):
+        raise ConfigError(f"{where}asp_mode: expected 'none' or '<schedule>_<lookup>' with a schedule in "
+                          f"{', '.join(ASP_SCHEDULES)} and a lookup in {', '.join(ASP_LOOKUPS)}, got {obj.asp_mode!r}")
     if any(not (math.isfinite(a) and a >= 0) for a in obj.focal_alpha):
         raise ConfigError(f"{where}focal_alpha: expected class weights ≥ 0, got {list(obj.focal_alpha)!r}")
 

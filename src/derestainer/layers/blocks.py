@@ -11,6 +11,8 @@ repeat across every tile of a whole slide. ``UpBlock(mode='transpose')`` keeps t
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -126,3 +128,25 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(*modules: nn.Module) -> Iterator[None]:
+    """Batch norm keeps normalising with batch statistics but does not update its running statistics.
+
+    Used for the passes of IHC images through an encoder (DeReStainer's IHC branch, ASP's PatchNCE
+    passes): only H&E goes through the encoder at inference, so the running statistics must
+    describe H&E, not a mixture of H&E and IHC. The batch counters are restored too.
+    """
+    bns = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
+    try:
+        for m in bns:
+            m.momentum = 0.0  # running = (1 − 0)·running + 0·batch
+        yield
+    finally:
+        for m, (mom, nbt) in zip(bns, saved):
+            m.momentum = mom
+            tracked = m.num_batches_tracked
+            if nbt is not None and tracked is not None:
+                tracked.copy_(nbt)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from derestainer.layers.blocks import frozen_bn_stats
 from derestainer.layers.modulated_conv import FusedMode
 from derestainer.models.base import GenOutput
 from derestainer.models.destainer import DeStainer, HEmbedHead, HPredictor, LevelHead, load_stain_matrix
@@ -18,27 +18,6 @@ from derestainer.models.registry import register_generator
 from derestainer.models.restainer import ReStainer
 
 GENERATOR_NORMS = ("batch", "none")
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(*modules: nn.Module) -> Iterator[None]:
-    """Batch norm keeps normalising with batch statistics but does not update its running statistics.
-
-    Used for the IHC branch: only H&E goes through the encoder at inference, so the running
-    statistics must describe H&E H-channels, not a mixture of H&E and IHC.
-    """
-    bns = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
-    try:
-        for m in bns:
-            m.momentum = 0.0  # running = (1 − 0)·running + 0·batch
-        yield
-    finally:
-        for m, (mom, nbt) in zip(bns, saved):
-            m.momentum = mom
-            tracked = m.num_batches_tracked
-            if nbt is not None and tracked is not None:
-                tracked.copy_(nbt)
 
 
 class DeReStainer(nn.Module):
