@@ -159,5 +159,5 @@ def build_pyramidpix2pix(model_cfg: Any) -> ResnetGenerator:
 
 @register_generator("pix2pixhd")
 def build_pix2pixhd(model_cfg: Any) -> ResnetGenerator:
-    """pix2pixHD-style (Wang et al. 2018): the global generator (set ``n_down: 4``), no dropout."""
+    """pix2pixHD (Wang et al. 2018): the global generator (set ``n_down: 4``), no dropout."""
     return build_resnet_generator(model_cfg, dropout=0.0)
