@@ -257,6 +257,52 @@ def test_rerun_skips_finished_runs(real_run: tuple[Path, dict], synth: Path, tmp
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in first["runs"]]
 
 
+def test_runs_recorded_before_an_option_existed_are_kept(
+    real_run: tuple[Path, dict], synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run recorded by an earlier version: its config lacks options added since (at their defaults). It is the
+    # same configuration, so it is kept, not retrained.
+    from derestainer.benchmark.records import MARKER, TRAINED_MARKER, data_digest, run_fingerprints
+
+    out = tmp_path / "bench"
+    shutil.copytree(real_run[0], out)
+    folder = out / "runs" / "pix2pix" / "seed0"
+    record = json.loads((folder / MARKER).read_text())
+    old = json.loads(json.dumps(record["config"]))
+    del old["loss"]["fm"], old["train"]["ema"]  # options that did not exist yet
+    data_id = data_digest(bm.check_layout(synth))
+    legacy = run_fingerprints(old, None, "", data_id)[0]
+
+    def write(config: dict, fp: str) -> None:
+        (folder / MARKER).write_text(json.dumps({**record, "config": config, "train_fingerprint": fp}))
+        (folder / TRAINED_MARKER).write_text(json.dumps({"train_fingerprint": fp, "train_seconds": 1.0}))
+
+    write(old, legacy)
+    _forbid(monkeypatch, "train_generator", "translate_split", "evaluate_predictions", "train_classifier")
+    logs: list[str] = []
+    again = bm.run_benchmark(_spec(synth, out), log=logs.append)
+    assert again["runs"][1]["metrics"] == real_run[1]["runs"][1]["metrics"]
+    assert any("earlier version with the same configuration" in m for m in logs)
+    assert json.loads((folder / MARKER).read_text())["train_fingerprint"] == record["train_fingerprint"]  # re-stamped
+
+    # refused: a stored value that differs from today's (e.g. a default changed since), and an edited record
+    changed = {**old, "train": {**old["train"], "lr": 1.0}}
+    for config, fp in ((changed, run_fingerprints(changed, None, "", data_id)[0]), (changed, legacy)):
+        write(config, fp)
+        with pytest.raises(bm.BenchmarkError, match="another configuration"):
+            bm.run_benchmark(_spec(synth, out), log=lambda m: None)
+
+    # trained but not evaluated by the earlier version: trained.json only, its config in the training summary
+    write(old, legacy)
+    (folder / MARKER).unlink()
+    summary = folder / "train" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "config": old}))
+    monkeypatch.undo()
+    _forbid(monkeypatch, "train_generator", "train_classifier")
+    bm.run_benchmark(_spec(synth, out), log=lambda m: None)
+    assert json.loads((folder / TRAINED_MARKER).read_text())["train_fingerprint"] == record["train_fingerprint"]
+
+
 def test_changed_budget_is_refused(real_run: tuple[Path, dict], synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "bench"
     shutil.copytree(real_run[0], out)

@@ -229,3 +229,12 @@ def test_new_options_are_range_checked(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config("paper", [override])
     assert load_config("paper", ["loss.focal_alpha=0.5,0.2,0.2,0.1"]).loss.focal_alpha == (0.5, 0.2, 0.2, 0.1)
+
+
+def test_feature_matching_runs_in_float32_on_nested_half_inputs() -> None:
+    f = [[torch.randn(1, 2, 4, 4).bfloat16(), torch.randn(1, 2, 2, 2).bfloat16()]]
+    r = [[torch.randn(1, 2, 4, 4).bfloat16(), torch.randn(1, 2, 2, 2).bfloat16()]]
+    got = feature_matching_loss(f, r)
+    assert got.dtype == torch.float32
+    hand = sum(2.0 * (a.float() - b.float()).abs().mean() for a, b in zip(f[0], r[0]))
+    torch.testing.assert_close(got, hand)

@@ -143,3 +143,27 @@ def test_warmup_fraction_is_a_share_of_the_steps() -> None:
     factors = [lr_factor(k, 300, tc.lr_schedule, tc.lr_decay_start, w) for k in (0, 49, 99, 100, 200, 299)]
     assert factors[:3] == pytest.approx([1 / 100, 50 / 100, 1.0])
     assert factors[3] == pytest.approx(1.0) and factors[4] == pytest.approx(0.5) and factors[5] < 1e-3
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("paper", []), ("no_stain", []), ("no_dab", []), ("h_infonce", []), ("h_infonce", ["model.h_embed_dim=8"]),
+    ("h_simsiam", []), ("paper", ["model.h_predictor=8"]), ("dab_od", []), ("bcistainer", []),
+    ("bcistainer", ["loss.level=0"]), ("bcistainer", ["loss.lowres=0"]), ("asp", []), ("asp", ["loss.nce=0", "loss.asp=0"]),
+    ("pix2pix", []), ("pix2pixhd", []),
+])
+def test_unused_parameters_are_declared_for_ddp(preset: str, overrides: list[str], data: Path, tmp_path: Path) -> None:
+    # DDP without find_unused_parameters fails when a parameter gets no gradient: after one real step, every
+    # configuration in which some generator parameter has no gradient must say so.
+    from derestainer.core.presets import compose_model_config
+    from derestainer.training.setup import has_unused_parameters
+
+    small = ["model.ngf=8", "model.ndf=8", "model.d_layers=2", "model.n_fusion_blocks=6" if preset == "asp" else
+             "model.n_fusion_blocks=2"]
+    cfg = compose_model_config(preset, "tiny", small + overrides)
+    base = tiny_cfg(data, tmp_path / "run", steps=1, ckpt_every=0)
+    cfg = replace(cfg, data={"root": str(data), "size": 64, "val_split": "test"}, train={**base.train.__dict__})
+    with Trainer(cfg) as tr:
+        tr.train_step([next(tr._batches())])
+        no_grad = [n for n, p in tr.generator.named_parameters() if p.grad is None]
+        flagged = has_unused_parameters(tr.generator, tr.active, cfg.loss)
+    assert flagged or not no_grad, f"{preset} {overrides}: no gradient for {no_grad[:4]} but not declared"

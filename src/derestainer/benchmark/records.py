@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from derestainer.core.config import Config, to_dict
+from derestainer.core.config import from_dict, to_dict
+from derestainer.core.errors import ConfigError
 from derestainer.core.fileformat import load_tensors
 from derestainer.core.io import list_images
 from derestainer.inference.folders import collect_inputs
@@ -53,51 +54,36 @@ def _portable(cfg_d: dict[str, Any]) -> dict[str, Any]:
             "train": {**cfg_d["train"], "out": "", "comparator": "", "device": ""}}
 
 
-def non_default(cfg_d: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per section, the keys whose value differs from :class:`~derestainer.core.config.Config`'s default.
-
-    Two configs with the same non-default values train the same way, also when one was written before
-    an option existed (a new option's default keeps the old behaviour): what the train fingerprint hashes.
-    """
-    defaults = to_dict(Config())
-    return {sec: {k: v for k, v in sorted(vals.items()) if defaults.get(sec, {}).get(k, _MISSING) != v}
-            for sec, vals in sorted(cfg_d.items()) if isinstance(vals, dict)}
-
-
-_MISSING = object()
-
-
 def run_fingerprints(cfg_d: dict[str, Any], comparator_digest: str | None, evaluator_digest: str,
                      data_id: str) -> tuple[str, str]:
     """``(train, eval)`` fingerprints of one run from its resolved config (:func:`~derestainer.core.config.to_dict`).
 
     They leave out where things are (data root, run folder, classifier paths: an output folder may be
-    moved; the device) and keep what they are (file names and sizes, classifier digests). The train
-    fingerprint hashes the config's non-default values (:func:`non_default`), so that a new option
-    at its default does not make finished runs look different.
+    moved; the device) and keep what they are (the whole config, file names and sizes, classifier digests).
     """
-    train_fp = fingerprint({"config": non_default(_portable(cfg_d)), "comparator": comparator_digest, "data": data_id})
+    train_fp = fingerprint({"config": _portable(cfg_d), "comparator": comparator_digest, "data": data_id})
     eval_fp = fingerprint({"evaluator": evaluator_digest, "data": data_id, "protocol": EVAL_PROTOCOL})
     return train_fp, eval_fp
 
 
-def legacy_train_fingerprint(cfg_d: dict[str, Any], comparator_digest: str | None, data_id: str) -> str:
-    """The train fingerprint of records written before :func:`non_default`: a hash of the whole config."""
-    return fingerprint({"config": _portable(cfg_d), "comparator": comparator_digest, "data": data_id})
+def adoptable(stored: Any, fingerprint_then: Any, cfg_d: dict[str, Any], comparator_digest: str | None,
+              data_id: str) -> bool:
+    """Whether a run recorded by an earlier version, with config ``stored`` and train fingerprint
+    ``fingerprint_then``, was made with today's configuration ``cfg_d``.
 
-
-def adoptable(record: dict[str, Any], cfg_d: dict[str, Any], comparator_digest: str | None, data_id: str) -> bool:
-    """Whether a finished run recorded with a legacy fingerprint was made with the configuration ``cfg_d``.
-
-    True when the record's stored config is the one its fingerprint was computed from (the hash
-    matches, so the stored config was not edited) and has the same non-default values as ``cfg_d``.
+    True when ``stored`` is the config that fingerprint was computed from (the hash matches: it was not
+    edited) and, with the options added since filled in at their defaults, equals ``cfg_d`` key for key.
+    A default changed since is not filled in (``stored`` has the key), so it shows as a difference.
     """
-    stored = record.get("config")
     if not isinstance(stored, dict) or not isinstance(stored.get("data"), dict) or not isinstance(stored.get("train"), dict):
         return False
-    if record.get("train_fingerprint") != legacy_train_fingerprint(stored, comparator_digest, data_id):
+    if fingerprint_then != run_fingerprints(stored, comparator_digest, "", data_id)[0]:
         return False
-    return non_default(_portable(stored)) == non_default(_portable(cfg_d))
+    try:
+        filled = to_dict(from_dict(stored))
+    except ConfigError:
+        return False
+    return _portable(filled) == _portable(cfg_d)
 
 
 def generator_params(path: Path) -> int:

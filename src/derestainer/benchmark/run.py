@@ -72,16 +72,20 @@ def run_one(
     train_fp, eval_fp = run_fingerprints(cfg_d, comparator_digest, classifiers["evaluator"]["digest"], data_id)
     tag = f"[{model} seed {seed}]"
     marker = folder / MARKER
+
+    def adopt(stored: Any, fp_then: Any) -> bool:
+        return adoptable(stored, fp_then, cfg_d, comparator_digest, data_id)
+
     if marker.is_file():
         record = json.loads(marker.read_text())
-        if record.get("train_fingerprint") != train_fp and adoptable(record, cfg_d, comparator_digest, data_id):
+        if record.get("train_fingerprint") != train_fp and adopt(record.get("config"), record.get("train_fingerprint")):
             record = _adopt(folder, record, train_fp, tag, log)
         _check_fresh(record, train_fp, folder)
         if record.get("eval_fingerprint") == eval_fp:
             log(f"{tag} done before: skipped")
             return {**record, "skipped": True}
         log(f"{tag} trained before; evaluating again (the evaluator changed)")
-    gen_path, train_s, reused = _trained_generator(cfg, folder, train_fp, tag, log)
+    gen_path, train_s, reused = _trained_generator(cfg, folder, train_fp, tag, log, adopt)
     t1 = time.time()
     pred_dir = folder / "pred"
     # Outputs are written atomically, so a present file is a whole image from this (unchanged) generator.
@@ -111,6 +115,14 @@ def run_one(
     }
     write_json(marker, record)  # written last, atomically: its presence means the run is complete
     return {**record, "skipped": False}
+
+
+def _summary_config(folder: Path) -> Any:
+    """The resolved config in the run's training summary (``train/summary.json``), or None."""
+    try:
+        return json.loads((folder / "train" / "summary.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _terms_off(folder: Path) -> dict[str, str]:
@@ -176,12 +188,20 @@ def _check_fresh(record: dict[str, Any] | None, train_fp: str, folder: Path) -> 
             "changed). Use another --out, or delete that run folder to train it again")
 
 
-def _trained_generator(cfg: Config, folder: Path, train_fp: str, tag: str, log: Log) -> tuple[Path, float, bool]:
+def _trained_generator(cfg: Config, folder: Path, train_fp: str, tag: str, log: Log,
+                       adopt: Callable[[Any, Any], bool]) -> tuple[Path, float, bool]:
     """``(generator file, training seconds, reused)``: the generator trained before with this
-    configuration (``trained.json``), or trained now."""
+    configuration (``trained.json``; one an earlier version recorded is adopted by ``adopt`` with the
+    config it holds or, for older records, the training summary's), or trained now."""
     trained_marker = folder / TRAINED_MARKER
     gen_path = folder / "generator.safetensors"
     trained = json.loads(trained_marker.read_text()) if trained_marker.is_file() else None
+    if trained is not None and trained.get("train_fingerprint") != train_fp:
+        stored = trained.get("config") or _summary_config(folder)
+        if adopt(stored, trained.get("train_fingerprint")):
+            log(f"{tag} trained by an earlier version with the same configuration: kept")
+            trained = {**trained, "train_fingerprint": train_fp}
+            write_json(trained_marker, trained)
     _check_fresh(trained, train_fp, folder)
     if trained is not None and gen_path.is_file():
         return gen_path, float(trained["train_seconds"]), True
@@ -192,7 +212,8 @@ def _trained_generator(cfg: Config, folder: Path, train_fp: str, tag: str, log: 
     if not gen_path.is_file():
         raise RuntimeError(f"training finished without writing {gen_path}")
     train_s = time.time() - t0
-    write_json(trained_marker, {"train_fingerprint": train_fp, "train_seconds": round(train_s, 1)})
+    write_json(trained_marker, {"train_fingerprint": train_fp, "train_seconds": round(train_s, 1),
+                                "config": to_dict(cfg)})
     return gen_path, train_s, False
 
 

@@ -116,7 +116,7 @@ def feature_matching_loss(
     """
     if len(fake_feats) != len(real_feats) or not fake_feats:
         raise ValueError(f"feature_matching_loss: {len(fake_feats)} fake and {len(real_feats)} real scales")
-    total = fake_feats[0][0].new_zeros(())
+    total = fake_feats[0][0].new_zeros((), dtype=torch.float32)
     for f_scale, r_scale in zip(fake_feats, real_feats):
         if len(f_scale) != len(r_scale) or not f_scale:
             raise ValueError("feature_matching_loss: the scales' layer counts differ between real and fake")

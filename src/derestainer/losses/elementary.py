@@ -20,19 +20,25 @@ _F = TypeVar("_F", bound=Callable[..., torch.Tensor])
 
 
 def fp32(fn: _F) -> _F:
-    """Run ``fn`` with autocast off and its half-precision tensor arguments (and lists of them) in float32."""
+    """Run ``fn`` with autocast off and its half-precision tensor arguments (and nested lists of them) in float32."""
 
     def cast(v: Any) -> Any:
         if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16):
             return v.float()
-        if isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v):
+        if isinstance(v, (list, tuple)):
             return [cast(t) for t in v]
         return v
 
+    def first_device(v: Any) -> str | None:
+        if isinstance(v, torch.Tensor):
+            return v.device.type
+        if isinstance(v, (list, tuple)):
+            return next((d for d in map(first_device, v) if d is not None), None)
+        return None
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
-        flat = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a])]
-        dev = next((t.device.type for t in flat if isinstance(t, torch.Tensor)), "cpu")
+        dev = first_device([*args, *kwargs.values()]) or "cpu"
         with torch.autocast(device_type=dev, enabled=False):
             return fn(*[cast(a) for a in args], **{k: cast(v) for k, v in kwargs.items()})
 

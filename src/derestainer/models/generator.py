@@ -42,9 +42,6 @@ class DeReStainer(nn.Module):
     divisible by ``2^n_down`` and at least ``2^(n_down+1)``.
     """
 
-    #: f_H gets gradients only when ``forward`` is given the real IHC (L_H).
-    uses_ihc_input = True
-
     def __init__(
         self,
         *,
@@ -84,6 +81,16 @@ class DeReStainer(nn.Module):
     def size_multiple(self) -> int:
         """Input height and width must be multiples of this."""
         return 2**self.n_down
+
+    def unused_parameters(self, active: frozenset[str], loss_cfg: Any) -> bool:
+        """Whether some parameters get no gradient with these active terms (DDP must then look for them):
+        f_H without L_H, its projection under the InfoNCE variant (which reads the maps before it), the
+        SimSiam predictor unless L_H is SimSiam."""
+        if "h" not in active:
+            return True
+        if loss_cfg.h_mode == "infonce" and isinstance(self.f_h.proj, nn.Linear):
+            return True
+        return self.h_predictor is not None and loss_cfg.h_mode != "simsiam"
 
     def set_fused_modconv(self, fused: FusedMode) -> None:
         """Switch the fusion blocks between grouped and unfused modulated convolutions (same results)."""

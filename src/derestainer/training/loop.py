@@ -174,7 +174,7 @@ class Trainer:
 
         # parameters trained only through the IHC branch (f_H, PatchNCE heads) or a variant's head
         # (the SimSiam predictor) get no gradient without it: DDP must then look for unused parameters.
-        find_unused = setup.has_unused_parameters(self.generator, self.needs, cfg.loss)
+        find_unused = setup.has_unused_parameters(self.generator, self.active, cfg.loss)
         self.g_train = wrap_model(self.generator, self.env, sync_bn=tc.sync_bn, find_unused=find_unused)
         self.d_train = (wrap_model(self.discriminator, self.env, sync_bn=tc.sync_bn)
                         if self.discriminator is not None else None)

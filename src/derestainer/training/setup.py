@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, Dataset
 from derestainer.core.config import Config
 from derestainer.core.errors import DatasetError, TrainingError
 from derestainer.data.datasets import PairedImageDataset, build_dataset, check_headers
-from derestainer.losses.terms import IHC_INPUT
 from derestainer.models.classifier import HER2Classifier, freeze, load_classifier
 from derestainer.models.discriminator import build_discriminator
 from derestainer.models.registry import create_generator
@@ -45,16 +44,15 @@ def build_models(cfg: Config, active: frozenset[str] | set[str], device: torch.d
     return generator, discriminator
 
 
-def has_unused_parameters(generator: nn.Module, needs: frozenset[str], loss_cfg: Any) -> bool:
+def has_unused_parameters(generator: nn.Module, active: set[str] | frozenset[str], loss_cfg: Any) -> bool:
     """Whether some generator parameters get no gradient in this run (DDP's ``find_unused_parameters``).
 
-    Parameters used only when the generator is called with the real IHC (``uses_ihc_input``: f_H,
-    PatchNCE heads) are unused when no active term needs that call; the SimSiam predictor is
-    unused unless ``loss.h_mode`` is ``simsiam``.
+    A generator whose parts are trained only by some terms says which with
+    ``unused_parameters(active, loss_cfg)`` (f_H, the SimSiam predictor, a level or low-resolution
+    head, PatchNCE heads); one without that method has none.
     """
-    if getattr(generator, "uses_ihc_input", False) and IHC_INPUT not in needs:
-        return True
-    return getattr(generator, "h_predictor", None) is not None and (loss_cfg.h_mode != "simsiam" or IHC_INPUT not in needs)
+    fn = getattr(generator, "unused_parameters", None)
+    return bool(fn(frozenset(active), loss_cfg)) if callable(fn) else False
 
 
 def stain_matrix(generator: nn.Module) -> torch.Tensor | None:

@@ -127,8 +127,6 @@ class ASPGenerator(nn.Module):
     ``2**n_down`` → :class:`GenOutput` (``ihc`` ``[N, 3, H, W]``; ``aux`` only when ``ihc`` is given).
     """
 
-    uses_ihc_input = True  # the projection heads train only when G is called with the real IHC
-
     def __init__(self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, n_down: int = 2,
                  n_blocks: int = 6, norm: str = "batch", nce_layers: Sequence[int] = NCE_LAYERS,
                  num_patches: int = NUM_PATCHES, mlp_width: int = MLP_WIDTH) -> None:
@@ -217,6 +215,10 @@ class ASPGenerator(nn.Module):
             x = f.flatten(2)[:, :, idx].transpose(1, 2)
             out.append(F.normalize(head(x).float(), dim=-1, eps=1e-7))
         return out
+
+    def unused_parameters(self, active: frozenset[str], loss_cfg: Any) -> bool:
+        """Whether some parameters get no gradient: the PatchNCE heads without an NCE term."""
+        return not {"nce", "asp"} & active
 
     def forward(self, he: torch.Tensor, ihc: torch.Tensor | None = None) -> GenOutput:
         self._check(he, "he")

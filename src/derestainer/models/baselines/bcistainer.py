@@ -186,6 +186,11 @@ class BCIStainerGenerator(nn.Module):
         n = self.n_style_down
         return self.size_multiple * (2 ** (n - 1) + 1 if n > 1 else 2)
 
+    def unused_parameters(self, active: frozenset[str], loss_cfg: Any) -> bool:
+        """Whether some parameters get no gradient: the level head without L_level, the low-resolution
+        head without its term."""
+        return "level" not in active or (self.low_head is not None and "lowres" not in active)
+
     def set_fused_modconv(self, fused: FusedMode) -> None:
         """Switch the modulated blocks between grouped and unfused modulated convolutions (same results)."""
         for m in self.modules():
