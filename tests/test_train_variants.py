@@ -79,6 +79,17 @@ def test_ema_run_exports_the_average_and_resumes_it(data: Path, tmp_path: Path) 
     assert (ckpt / EMA_FILE).is_file() and resolve_generator_file(ckpt) == ckpt / EMA_FILE
     torch.testing.assert_close(load_file(str(ckpt / "generator.safetensors"))[key], raw[key])
 
+    from derestainer.core.errors import CheckpointError
+    from derestainer.training.state import verify_checkpoint
+
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(ckpt, broken)
+    (broken / EMA_FILE).unlink()
+    with pytest.raises(CheckpointError, match="moving average"):
+        verify_checkpoint(broken)
+
     # interrupted at step 3 and resumed: the same average at step 6 as the uninterrupted run
     part = tiny_cfg(data, tmp_path / "resumed", steps=3, ckpt_every=3, ema=0.9, ema_start=2)
     train(part)
@@ -102,9 +113,13 @@ def test_feature_matching_smoothing_and_the_variants_train(data: Path, tmp_path:
 
 
 def test_simsiam_needs_its_predictor_and_trains_with_it(data: Path, tmp_path: Path) -> None:
-    cfg = replace(tiny_cfg(data, tmp_path / "a", steps=2, ckpt_every=0), loss={"h_mode": "simsiam"})
-    with pytest.raises(ValueError, match="h_predictor"):
-        train(cfg)
+    from derestainer.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="h_predictor"):  # refused with the config, before anything is written
+        replace(tiny_cfg(data, tmp_path / "a", steps=2, ckpt_every=0), loss={"h_mode": "simsiam"})
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ConfigError, match="focal_alpha"):
+        replace(tiny_cfg(data, tmp_path / "a", steps=2, ckpt_every=0), loss={"focal_alpha": [1.0, 2.0]})
     cfg = replace(tiny_cfg(data, tmp_path / "b", steps=2, ckpt_every=0), loss={"h_mode": "simsiam"},
                   model={"h_predictor": 16})
     assert np.isfinite(train(cfg)["losses"]["h"])

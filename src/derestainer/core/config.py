@@ -292,6 +292,8 @@ def check_values(obj: Any, where: str = "") -> None:
             raise ConfigError(f"{where}h_predictor: expected an integer ≥ 0, got {obj.h_predictor!r}")
     elif isinstance(obj, LossConfig):
         _check_loss(obj, where)
+    elif isinstance(obj, Config):
+        _check_across(obj, where)
     elif isinstance(obj, TrainConfig):
         if not (obj.ema == 0.0 or 0.0 < obj.ema < 1.0) or obj.ema_start < 0:
             raise ConfigError(f"{where}ema: expected 0 (off) or a decay in (0, 1) and ema_start ≥ 0, "
@@ -339,6 +341,17 @@ def _check_loss(obj: LossConfig, where: str) -> None:
                           f"{', '.join(ASP_SCHEDULES)} and a lookup in {', '.join(ASP_LOOKUPS)}, got {obj.asp_mode!r}")
     if any(not (math.isfinite(a) and a >= 0) for a in obj.focal_alpha):
         raise ConfigError(f"{where}focal_alpha: expected class weights ≥ 0, got {list(obj.focal_alpha)!r}")
+
+
+def _check_across(cfg: Config, where: str) -> None:
+    """Options that must agree across sections: SimSiam needs DeReStainer's predictor; the focal
+    loss's class weights, one per HER2 level."""
+    if cfg.loss.h_mode == "simsiam" and cfg.model.name == "derestainer" and cfg.model.h_predictor <= 0 \
+            and cfg.loss.stain * cfg.loss.h != 0:
+        raise ConfigError(f"{where}loss.h_mode: simsiam needs the f_H predictor; set model.h_predictor (e.g. 128)")
+    if cfg.loss.focal_alpha and len(cfg.loss.focal_alpha) != cfg.model.n_levels:
+        raise ConfigError(f"{where}loss.focal_alpha: {len(cfg.loss.focal_alpha)} class weights for "
+                          f"model.n_levels={cfg.model.n_levels}")
 
 
 def _deep_merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from derestainer.core.config import DAB_MODES, H_MODES
+from derestainer.core.errors import ConfigError
 from derestainer.core.ranges import signed_to_unit
 from derestainer.losses.elementary import cosine_loss, dab_l1_loss, fp32
 from derestainer.losses.terms import IHC_INPUT, LossInputs, register_term
@@ -108,7 +109,7 @@ def _h_term(x: LossInputs) -> torch.Tensor | None:
     if mode == "simsiam":
         p_he, p_ihc = x.aux("h_pred_he"), x.aux("h_pred_ihc")
         if p_he is None or p_ihc is None or out.h_embed_he is None or out.h_embed_ihc is None:
-            raise ValueError("loss.h_mode=simsiam needs the generator's f_H predictor: set model.h_predictor > 0")
+            raise ConfigError("loss.h_mode=simsiam needs the generator's f_H predictor: set model.h_predictor > 0")
         return simsiam_loss(p_he, out.h_embed_he, p_ihc, out.h_embed_ihc)
     m_he, m_ihc = x.aux("h_map_he"), x.aux("h_map_ihc")
     if m_he is None or m_ihc is None:

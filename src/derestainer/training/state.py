@@ -280,6 +280,8 @@ def load_checkpoint(
     if ema is not None:
         if (p / EMA_FILE).is_file():
             _load_module(p / EMA_FILE, ema, "generator")
+        elif float((theirs.get("train") or {}).get("ema") or 0) > 0:
+            raise CheckpointError(f"{p}: {EMA_FILE} is missing, but this run kept a moving average (train.ema)")
         else:  # a checkpoint of a run without train.ema: the average starts from the trained weights
             ema.load_state_dict(generator.state_dict())
     if discriminator is not None:
@@ -308,7 +310,9 @@ def verify_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
         ``{'step': ..., 'files': [...]}``.
     """
     p = Path(ckpt)
-    state, _ = read_state(p)
+    state, theirs = read_state(p)
+    if float((theirs.get("train") or {}).get("ema") or 0) > 0 and not (p / EMA_FILE).is_file():
+        raise CheckpointError(f"{p}: {EMA_FILE} is missing, but this run kept a moving average (train.ema)")
     files = []
     for name, kind in (("generator.safetensors", "generator"), (EMA_FILE, "generator"),
                        ("discriminator.safetensors", "discriminator"),
