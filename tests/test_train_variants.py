@@ -182,3 +182,9 @@ def test_unused_parameters_are_declared_for_ddp(preset: str, overrides: list[str
         no_grad = [n for n, p in tr.generator.named_parameters() if p.grad is None]
         flagged = has_unused_parameters(tr.generator, tr.active, cfg.loss)
     assert flagged or not no_grad, f"{preset} {overrides}: no gradient for {no_grad[:4]} but not declared"
+
+
+def test_feature_matching_alone_still_trains_a_discriminator(data: Path, tmp_path: Path) -> None:
+    cfg = replace(tiny_cfg(data, tmp_path / "run", steps=2, log_every=1, ckpt_every=0), loss={"gan": 0.0, "fm": 10.0})
+    summary = train(cfg)
+    assert "fm" in summary["losses"] and "d" in summary["losses"] and "gan" not in summary["losses"]

@@ -31,12 +31,13 @@ VAL_FILES = "val_files.txt"
 
 def build_models(cfg: Config, active: frozenset[str] | set[str], device: torch.device,
                  channels_last: bool) -> tuple[nn.Module, nn.Module | None]:
-    """``(generator, discriminator)`` on ``device``; no discriminator when the GAN term is off.
+    """``(generator, discriminator)`` on ``device``; no discriminator when neither the GAN term nor feature matching is on.
 
     Seeded by the caller, so identical on every rank (DDP also broadcasts rank 0's weights).
     """
     generator = create_generator(cfg.model).to(device)
-    discriminator = build_discriminator(cfg.model).to(device) if "gan" in active else None
+    # D is trained when a term reads it: the GAN term, or feature matching alone
+    discriminator = build_discriminator(cfg.model).to(device) if {"gan", "fm"} & set(active) else None
     if channels_last:
         generator.to(memory_format=torch.channels_last)
         if discriminator is not None:
