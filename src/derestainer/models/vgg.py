@@ -74,8 +74,11 @@ def load_vgg19(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     with torch.device("meta"):
         skeleton = VGG19Features()
     expected = skeleton.state_dict()
-    header = {k: v for k, v in read_header(p).items() if k in expected or (k.startswith("features.") and
-                                                                          int(k.split(".")[1]) < VGG_SLICE_ENDS[-1])}
+    def in_slices(name: str) -> bool:  # a features.N.* tensor of the layers used (a foreign key counts as unexpected)
+        parts = name.split(".")
+        return len(parts) > 2 and parts[0] == "features" and (not parts[1].isdigit() or int(parts[1]) < VGG_SLICE_ENDS[-1])
+
+    header = {k: v for k, v in read_header(p).items() if k in expected or in_slices(k)}
     check_fit(p, header, expected, "torchvision's VGG-19 features")
     try:
         tensors = {k: v for k, v in load_file(str(p), device="cpu").items() if k in expected}
