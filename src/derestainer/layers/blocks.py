@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 
 NORMS = ("batch", "instance", "none")
+#: Norms a generator may use: instance norm is refused (per-tile statistics make seams on whole slides).
+GENERATOR_NORMS = ("batch", "none")
 #: Padding modes of :class:`torch.nn.Conv2d`.
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 ACTS = ("lrelu", "relu", "tanh", "none")
@@ -150,3 +152,10 @@ def frozen_bn_stats(*modules: nn.Module) -> Iterator[None]:
             tracked = m.num_batches_tracked
             if nbt is not None and tracked is not None:
                 tracked.copy_(nbt)
+
+
+def check_generator_norm(norm: str) -> None:
+    """Raise ``ValueError`` unless ``norm`` is one of :data:`GENERATOR_NORMS` (saying why instance norm is refused)."""
+    if norm not in GENERATOR_NORMS:
+        raise ValueError(f"generator norm must be one of {GENERATOR_NORMS}, got {norm!r} "
+                         "(instance norm uses per-tile statistics and makes seams on whole slides)")

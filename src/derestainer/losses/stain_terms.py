@@ -85,7 +85,7 @@ def dab_od_loss(fake: torch.Tensor, real: torch.Tensor, rgb_from_hed: torch.Tens
     saturation is about 1; the tissue of BCI sits around 0.02–0.2). ``fake``, ``real``: ``[N, 3, H, W]``
     in model space.
     """
-    inv = torch.linalg.inv(rgb_from_hed.double()).float() if rgb_from_hed is not None else None
+    inv = torch.linalg.inv(rgb_from_hed.float()) if rgb_from_hed is not None else None
     c_fake = stain_od(signed_to_unit(fake), "dab", inv)
     with torch.no_grad():
         c_real = stain_od(signed_to_unit(real), "dab", inv)

@@ -9,15 +9,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from derestainer.layers.blocks import frozen_bn_stats
+from derestainer.layers.blocks import check_generator_norm, frozen_bn_stats
 from derestainer.layers.modulated_conv import FusedMode
 from derestainer.models.base import GenOutput
 from derestainer.models.destainer import DeStainer, HEmbedHead, HPredictor, LevelHead, load_stain_matrix
 from derestainer.models.fusion import FeatureFusion
 from derestainer.models.registry import register_generator
 from derestainer.models.restainer import ReStainer
-
-GENERATOR_NORMS = ("batch", "none")
 
 
 class DeReStainer(nn.Module):
@@ -60,11 +58,7 @@ class DeReStainer(nn.Module):
         fused_modconv: FusedMode = "auto",
     ) -> None:
         super().__init__()
-        if norm not in GENERATOR_NORMS:
-            raise ValueError(
-                f"generator norm must be one of {GENERATOR_NORMS}, got {norm!r} "
-                "(instance norm uses per-tile statistics and makes seams on whole slides)"
-            )
+        check_generator_norm(norm)
         if n_down < 1 or ngf < 1 or n_levels < 2 or n_head_down < 0 or n_fusion_blocks < 0:
             raise ValueError("need ngf ≥ 1, n_down ≥ 1, n_levels ≥ 2, n_head_down ≥ 0, n_fusion_blocks ≥ 0")
         self.n_down = n_down

@@ -52,13 +52,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from derestainer.core.errors import ConfigError
-from derestainer.layers.blocks import frozen_bn_stats, make_norm
+from derestainer.layers.blocks import check_generator_norm, frozen_bn_stats, make_norm
 from derestainer.models.base import GenOutput
 from derestainer.models.baselines.pix2pix import ResnetBlock
 from derestainer.models.registry import register_generator
 
-#: Generator norms: instance norm is refused (per-tile statistics make seams on whole slides).
-ASP_NORMS = ("batch", "none")
 #: Their ``nce_layers``: indices into the generator's layer sequence (module docstring).
 NCE_LAYERS = (0, 4, 8, 12, 16)
 #: Their ``num_patches``: positions sampled per layer and image.
@@ -131,9 +129,7 @@ class ASPGenerator(nn.Module):
                  n_blocks: int = 6, norm: str = "batch", nce_layers: Sequence[int] = NCE_LAYERS,
                  num_patches: int = NUM_PATCHES, mlp_width: int = MLP_WIDTH) -> None:
         super().__init__()
-        if norm not in ASP_NORMS:
-            raise ValueError(f"generator norm must be one of {ASP_NORMS}, got {norm!r} "
-                             "(instance norm uses per-tile statistics and makes seams on whole slides)")
+        check_generator_norm(norm)
         if ngf < 1 or n_down < 0 or n_blocks < 0 or num_patches < 1 or mlp_width < 1:
             raise ValueError(f"invalid sizes ngf={ngf}, n_down={n_down}, n_blocks={n_blocks}, "
                              f"num_patches={num_patches}, mlp_width={mlp_width}")

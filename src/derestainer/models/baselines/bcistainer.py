@@ -43,15 +43,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from derestainer.layers.blocks import ConvNormAct, UpBlock
+from derestainer.layers.blocks import ConvNormAct, UpBlock, check_generator_norm
 from derestainer.layers.modulated_conv import FusedMode, ModulatedConv2d
 from derestainer.layers.simam import SimAM
 from derestainer.models.base import GenOutput
 from derestainer.models.baselines.pix2pix import init_weights
 from derestainer.models.registry import register_generator
 
-#: Generator norms: instance norm is refused (per-tile statistics make seams on whole slides).
-BCISTAINER_NORMS = ("batch", "none")
 #: Their initialisation gain (``init_gain``), for every layer and the modulated weights.
 INIT_GAIN = 0.02
 
@@ -129,11 +127,7 @@ class BCIStainerGenerator(nn.Module):
         fused_modconv: FusedMode = "auto",
     ) -> None:
         super().__init__()
-        if norm not in BCISTAINER_NORMS:
-            raise ValueError(
-                f"generator norm must be one of {BCISTAINER_NORMS}, got {norm!r} "
-                "(instance norm uses per-tile statistics and makes seams on whole slides)"
-            )
+        check_generator_norm(norm)
         if ngf < 1 or n_down < 1 or n_style_down < 0 or n_blocks < 0 or n_levels < 2 or not 0.0 <= dropout < 1.0:
             raise ValueError(f"invalid sizes ngf={ngf}, n_down={n_down}, n_style_down={n_style_down}, "
                              f"n_blocks={n_blocks}, n_levels={n_levels}, dropout={dropout}")
