@@ -3,6 +3,7 @@ adjacent-section geometry, the layers against brute force, the CLI, and colour c
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from derestainer.data.synth import (
     pair_name,
     pair_seed,
     render_pair,
+    with_displacement,
 )
 from derestainer.stain import stain_concentration_np
 
@@ -294,6 +296,38 @@ def test_cli_writes_dataset_and_guards_stale_files(tmp_path: Path) -> None:
     assert not list((out / "HE" / "test").glob("*.png"))
     r = runner.invoke(main, ["synth", "--out", str(out), "--train", "0", "--test", "0"])
     assert r.exit_code != 0 and "nothing to generate" in r.output
+
+
+def test_registered_pairs_show_the_same_tissue_displaced_less() -> None:
+    reg = with_displacement(SynthParams(), "registered")
+    mean_flow = {"adjacent": [], "registered": []}
+    for seed in range(4):
+        he_a, ihc_a, info_a = render_pair(seed, 3, 64)
+        he_r, ihc_r, info_r = render_pair(seed, 3, 64, params=reg)
+        assert np.array_equal(he_a, he_r)  # same tissue and stains from the same seed: only the IHC moves
+        assert not np.array_equal(ihc_a, ihc_r)
+        assert np.abs(info_r["shift"]).max() <= 1.0 and abs(info_r["rotation_deg"]) <= 0.5
+        assert np.abs(info_a["shift"]).max() <= 6.0 and abs(info_a["rotation_deg"]) <= 2.0
+        # shift ≤ 1 px per axis + rotation ≤ 0.5° at the corners + a warp of 0.5 px σ (4σ bound)
+        assert np.hypot(*info_r["flow"]).max() <= np.sqrt(2) + np.sin(np.radians(0.5)) * 64 + 4 * 0.5
+        mean_flow["adjacent"].append(np.hypot(*info_a["flow"]).mean())
+        mean_flow["registered"].append(np.hypot(*info_r["flow"]).mean())
+    assert np.mean(mean_flow["registered"]) < 0.5 * np.mean(mean_flow["adjacent"])
+    with pytest.raises(ValueError, match="unknown displacement"):
+        with_displacement(SynthParams(), "folded")
+
+
+def test_cli_displacement_is_recorded(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for name in ("adjacent", "registered"):
+        out = tmp_path / name
+        r = runner.invoke(main, ["synth", "--out", str(out), "--train", "4", "--test", "0", "--size", "32",
+                                 "--workers", "1", "--displacement", name])
+        assert r.exit_code == 0, r.output
+        made = json.loads((out / "synthbci.json").read_text())
+        assert made["displacement"] == name and made["params"]["max_shift"] == (6.0 if name == "adjacent" else 1.0)
+    he = [read_image(tmp_path / n / "HE" / "train" / "00001_train_0.png") for n in ("adjacent", "registered")]
+    assert np.array_equal(*he)
 
 
 # ----------------------------------------------------------------------------- calibration

@@ -22,17 +22,20 @@ from derestainer.cli.common import fail
               help="Dataset seed: the same seed gives the same bytes.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes [default: min(2, CPU count)]; the output does not depend on it.")
+@click.option("--displacement", type=click.Choice(["adjacent", "registered"]), default="adjacent", show_default=True,
+              help="IHC offset from the H&E: adjacent (unregistered section, up to 6 px, 2°, 1.5 px warp) or "
+                   "registered (at most 1 px, 0.5°, 0.5 px). The same seed draws the same tissue for both.")
 @click.option("--overwrite", is_flag=True,
               help="Delete PNGs under OUT/{HE,IHC}/{train,test} that this dataset would not rewrite.")
 def synth(out_dir: Path, n_train: int, n_test: int, size: int, seed: int, workers: int | None,
-          overwrite: bool) -> None:
+          displacement: str, overwrite: bool) -> None:
     """Generate SynthBCI: physically rendered pairs of H&E and HER2 IHC (levels 0, 1+, 2+, 3+).
 
     Files are named like BCI's, NNNNN_{split}_{level}.png, with the same name under HE/ and IHC/.
-    The IHC is an adjacent section: slightly displaced and deformed relative to the H&E.
+    The IHC is an adjacent section: displaced and deformed relative to the H&E (--displacement).
     """
     from derestainer.core.guard import output_lock
-    from derestainer.data.synth import generate_dataset, stale_files
+    from derestainer.data.synth import SynthParams, generate_dataset, stale_files, with_displacement
 
     if n_train + n_test == 0:
         raise fail("nothing to generate: give --train and/or --test greater than 0")
@@ -48,7 +51,8 @@ def synth(out_dir: Path, n_train: int, n_test: int, size: int, seed: int, worker
         for f in stale:
             f.unlink()
         try:
-            summary = generate_dataset(out_dir, n_train, n_test, size=size, seed=seed, workers=workers)
+            summary = generate_dataset(out_dir, n_train, n_test, size=size, seed=seed, workers=workers,
+                                       params=with_displacement(SynthParams(), displacement))
         except OSError as exc:
             raise fail(f"cannot write the dataset to {out_dir}: {exc}") from None
     counts = "; ".join(
@@ -56,6 +60,6 @@ def synth(out_dir: Path, n_train: int, n_test: int, size: int, seed: int, worker
         for split, c in summary["counts"].items() if sum(c.values())
     )
     click.echo(
-        f"wrote {summary['pairs']} pairs ({size} px, seed {seed}) to {out_dir} in "
+        f"wrote {summary['pairs']} pairs ({size} px, seed {seed}, {displacement}) to {out_dir} in "
         f"{summary['seconds']:.1f} s ({summary['pairs_per_s']:.1f} pairs/s); levels {counts}"
     )

@@ -40,7 +40,16 @@ from PIL import Image
 from derestainer.core.io import write_bytes, write_json
 from derestainer.core.levels import HER2_LEVELS, level_name
 from derestainer.data import synth_layers as L
-from derestainer.data.synth_params import HER2_PATTERNS, MembranePattern, Slide, SynthParams, sample_slide
+from derestainer.data.synth_params import (
+    DISPLACEMENTS,
+    HER2_PATTERNS,
+    MembranePattern,
+    Slide,
+    SynthParams,
+    displacement_name,
+    sample_slide,
+    with_displacement,
+)
 from derestainer.data.synth_tissue import (
     adjacent_cells,
     fat_borders,
@@ -50,9 +59,9 @@ from derestainer.data.synth_tissue import (
 )
 
 __all__ = [
-    "GENERATOR_VERSION", "HER2_PATTERNS", "SPLITS", "MembranePattern", "Slide", "SynthParams", "canvas_padding",
+    "DISPLACEMENTS", "GENERATOR_VERSION", "HER2_PATTERNS", "SPLITS", "MembranePattern", "Slide", "SynthParams", "canvas_padding",
     "dataset_files", "encode_png", "generate_dataset", "pair_level", "pair_name", "pair_seed", "render_pair",
-    "sample_slide", "stale_files",
+    "sample_slide", "stale_files", "displacement_name", "with_displacement",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -64,9 +73,14 @@ GENERATOR_VERSION = 2  # 2: membrane arcs cover exactly the asked fraction of th
 # --------------------------------------------------------------------------------------------
 
 def canvas_padding(size: int, p: SynthParams) -> int:
-    """Margin (px) around the field so that the displaced IHC never samples outside the canvas."""
-    rot = abs(math.sin(math.radians(p.max_rotation_deg))) * size * math.sqrt(0.5)
-    return math.ceil((p.max_shift + 4 * p.warp_amplitude) * p.zoom + rot + 2)
+    """Margin (px) around the field so that the displaced IHC never samples outside the canvas.
+
+    Never less than the ``adjacent`` displacement needs, so that a smaller displacement (e.g.
+    ``registered``) draws the same tissue from the same seed."""
+    adj = DISPLACEMENTS["adjacent"]
+    shift, rot_deg, warp = (max(getattr(p, k), adj[k]) for k in ("max_shift", "max_rotation_deg", "warp_amplitude"))
+    rot = abs(math.sin(math.radians(rot_deg))) * size * math.sqrt(0.5)
+    return math.ceil((shift + 4 * warp) * p.zoom + rot + 2)
 
 
 def _scan_pair(rng: np.random.Generator, he_conc: np.ndarray, ihc_conc: np.ndarray, flow: np.ndarray, pad: int,
@@ -295,6 +309,7 @@ def generate_dataset(
         "seed": seed,
         "size": int(size),
         "counts": counts,
+        "displacement": displacement_name(asdict(p)),
         "params": asdict(p),
     })
     seconds = time.perf_counter() - t0

@@ -6,8 +6,9 @@ See :mod:`derestainer.data.synth` for the pipeline.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -134,6 +135,36 @@ class SynthParams:
     # Scanner
     blur: float = 0.6
     noise: float = 0.008
+
+
+#: How far the IHC section is displaced from the H&E (SynthParams fields ``max_shift`` px per axis,
+#: ``max_rotation_deg``, ``warp_amplitude`` px). ``adjacent`` (the default): an adjacent section as
+#: scanned, unregistered, with offsets up to a nucleus diameter, as in BCI. ``registered``: the same
+#: pair after registration, with a residual offset of at most 1 px. With the same seed both draw the
+#: same tissue and stains (the canvas margin is the ``adjacent`` one); only the displacement differs.
+DISPLACEMENTS: dict[str, dict[str, float]] = {
+    "adjacent": {"max_shift": 6.0, "max_rotation_deg": 2.0, "warp_amplitude": 1.5},
+    "registered": {"max_shift": 1.0, "max_rotation_deg": 0.5, "warp_amplitude": 0.5},
+}
+
+
+def with_displacement(p: SynthParams, name: str) -> SynthParams:
+    """``p`` with the displacement preset ``name`` (a key of :data:`DISPLACEMENTS`).
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name not in DISPLACEMENTS:
+        raise ValueError(f"unknown displacement {name!r}; choose one of {', '.join(DISPLACEMENTS)}")
+    return replace(p, **DISPLACEMENTS[name])
+
+
+def displacement_name(params: Mapping[str, Any]) -> str | None:
+    """The :data:`DISPLACEMENTS` preset that ``params`` (SynthParams fields, e.g. from synthbci.json) uses, or None."""
+    for name, fields in DISPLACEMENTS.items():
+        if all(params.get(k) == v for k, v in fields.items()):
+            return name
+    return None
 
 
 @dataclass(frozen=True)
