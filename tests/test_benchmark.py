@@ -257,6 +257,29 @@ def test_rerun_skips_finished_runs(real_run: tuple[Path, dict], synth: Path, tmp
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in first["runs"]]
 
 
+def test_comparator_arch_trains_its_own_architecture(
+    real_run: tuple[Path, dict], synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real run's evaluator (tiny) is reused; only the comparator, now asked for as a resnet18, is retrained.
+    out = tmp_path / "bench"
+    shutil.copytree(real_run[0], out)
+    trained: list[tuple[str, str]] = []
+    real = stages.train_classifier
+
+    def record(data, path, **kw):
+        trained.append((Path(path).stem, kw["arch"]))
+        return real(data, path, **kw)
+
+    monkeypatch.setattr(stages, "train_classifier", record)
+    _forbid(monkeypatch, "train_generator", "translate_split", "evaluate_predictions")
+    with pytest.raises(bm.BenchmarkError, match="another configuration"):  # the runs trained with the old one
+        bm.run_benchmark(_spec(synth, out, comparator_arch="resnet18"), log=lambda m: None)
+    assert trained == [("comparator", "resnet18")]
+    made = json.loads((out / "classifiers" / "comparator.benchmark.json").read_text())
+    assert made["settings"]["arch"] == "resnet18"
+    assert json.loads((out / "classifiers" / "evaluator.benchmark.json").read_text())["settings"]["arch"] == "tiny"
+
+
 def test_runs_recorded_before_an_option_existed_are_kept(
     real_run: tuple[Path, dict], synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

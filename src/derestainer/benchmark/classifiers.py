@@ -61,13 +61,14 @@ def _trained_here(spec: BenchmarkSpec, role: str, data_id: str, log: Callable[[s
     size = spec.classifier_size or spec.size or model_config("derestainer", spec.base_config).data.size
     p = spec.out / "classifiers" / f"{role}.safetensors"
     info_path = p.with_name(f"{role}.benchmark.json")
-    settings = {"arch": spec.classifier_arch, "steps": spec.classifier_steps, "size": size, **plan}
+    arch = (spec.comparator_arch or spec.classifier_arch) if role == "comparator" else spec.classifier_arch
+    settings = {"arch": arch, "steps": spec.classifier_steps, "size": size, **plan}
     if p.is_file() and info_path.is_file():
         info = json.loads(info_path.read_text())
         if info.get("settings") == settings and info.get("data") == data_id:
             log(f"{role}: reusing {p}")
             return {**info, "path": str(p), "digest": file_digest(p)}
-    log(f"{role}: training a {spec.classifier_arch} HER2 classifier ({spec.classifier_steps} steps, "
+    log(f"{role}: training a {arch} HER2 classifier ({spec.classifier_steps} steps, "
         f"{size} px, seed {plan['seed']}, {plan['subset']} training images)")
     metrics = stages.train_classifier(spec.data, p, device=spec.device, log=log, **settings)
     info = {"trained_by_benchmark": True, "settings": settings, "data": data_id, "metrics": jsonable(metrics)}

@@ -42,6 +42,8 @@ class BenchmarkSpec:
         comparator, evaluator: classifier checkpoints; None → trained here once.
         overrides: ``section.key=value`` applied to every model last; ``MODEL:section.key=value`` to one.
         classifier_arch, classifier_steps, classifier_size: for classifiers trained here.
+        comparator_arch: architecture of a comparator trained here (None: ``classifier_arch``); a
+            small one makes every step of a model with ``L_cmp`` cheaper (the comparator runs in each).
         device: ``auto`` | ``cpu`` | ``cuda``.
         eval_workers: processes for the per-image evaluation (None: all cores).
         reference: the model every other is compared with, image by image (None: ``derestainer`` when
@@ -64,6 +66,7 @@ class BenchmarkSpec:
     classifier_arch: str = "resnet18"
     classifier_steps: int = 1000
     classifier_size: int | None = None
+    comparator_arch: str | None = None
     device: str = "auto"
     eval_workers: int | None = None
     reference: str | None = None

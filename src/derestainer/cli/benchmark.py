@@ -40,6 +40,8 @@ def _int_list(value: str, what: str) -> tuple[int, ...]:
               help="Evaluator checkpoint for the semantic metrics (default: trained here once).")
 @click.option("--classifier-arch", type=click.Choice(["resnet50", "resnet18", "tiny"]), default="resnet18",
               show_default=True, help="Architecture of classifiers trained here (the paper's is resnet50).")
+@click.option("--comparator-arch", type=click.Choice(["resnet50", "resnet18", "tiny"]), default=None,
+              help="Architecture of a comparator trained here.  [default: --classifier-arch]")
 @click.option("--classifier-steps", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Training steps of classifiers trained here.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -57,7 +59,8 @@ def _int_list(value: str, what: str) -> tuple[int, ...]:
               help="Bootstrap resamples for the confidence intervals and paired differences (0: none).")
 def benchmark(
     data: Path, models: str, steps: int, size: int | None, batch_size: int | None, seeds: str, base_config: str,
-    comparator: Path | None, evaluator: Path | None, classifier_arch: str, classifier_steps: int, device: str,
+    comparator: Path | None, evaluator: Path | None, classifier_arch: str, comparator_arch: str | None,
+    classifier_steps: int, device: str,
     eval_workers: int | None, out: Path, overrides: tuple[str, ...], reference: str | None, floors: bool, n_boot: int,
 ) -> None:
     """Train every model of --models with the same steps, batch, resolution and seeds, translate the
@@ -80,6 +83,7 @@ def benchmark(
         evaluator=evaluator,
         overrides=overrides,
         classifier_arch=classifier_arch,
+        comparator_arch=comparator_arch,
         classifier_steps=classifier_steps,
         device=device,
         eval_workers=eval_workers,
