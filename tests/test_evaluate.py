@@ -401,3 +401,21 @@ def test_workers_exit_when_the_evaluation_is_killed(tmp_path: Path, rng: np.rand
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_flat_predictions_are_left_out_of_the_pairing_check(tmp_path, rng):
+    """A floor image (one colour) correlates with nothing: no mix-up warning, and it does not drag
+    the matched mean of the other predictions down."""
+    pred, gt, names = make_folders(tmp_path, rng, n=6, noise=5)
+    ref = evaluate(pred, gt, workers=1, progress=False).metrics["pairing_check"]
+    write_image(pred / f"{names[0]}.png", np.full((32, 32, 3), 200, np.uint8))
+    one = evaluate(pred, gt, workers=1, progress=False)
+    pc = one.metrics["pairing_check"]
+    assert pc["flat_predictions"] == 1 and ref["flat_predictions"] == 0
+    assert not any("pairing check" in w for w in one.warnings)
+    assert pc["matched_r_mean"] > pc["other_r_mean"]
+    for n in names:
+        write_image(pred / f"{n}.png", np.full((32, 32, 3), 200, np.uint8))
+    flat = evaluate(pred, gt, workers=1, progress=False)
+    assert flat.metrics["pairing_check"]["flat_predictions"] == 6
+    assert not any("pairing check" in w for w in flat.warnings)

@@ -274,6 +274,20 @@ def test_fid_survives_singular_covariances(rng):
     assert np.isfinite(v) and v > 0
 
 
+def test_fid_of_one_repeated_image_is_the_closed_form_without_warnings(rng):
+    """A floor row (one colour everywhere) has features with zero covariance: Σ₁Σ₂ = 0 is singular,
+    (Σ₁Σ₂)^½ = 0 and FID = ‖μ₁ − μ₂‖² + Tr Σ₂, silently."""
+    import warnings
+
+    x = np.tile(rng.normal(size=(1, 16)), (8, 1))
+    y = rng.normal(size=(8, 16))
+    mu2, s2 = F.feature_statistics(y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v = F.fid(x, y)
+    assert v == pytest.approx(float((x[0] - mu2) @ (x[0] - mu2)) + float(np.trace(s2)), rel=1e-9)
+
+
 def test_kid_equals_brute_force_unbiased_mmd(rng):
     x, y = rng.normal(size=(9, 3)), rng.normal(size=(9, 3)) + 0.3
 

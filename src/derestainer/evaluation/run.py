@@ -152,8 +152,9 @@ def run_evaluation(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[s
         "stain": summary.stain_section(rows_raw, levels, opts.dab_threshold, opts.h_threshold, warn),
     }
     pc = summary.pairing_check(np.stack([r["thumb_pred"] for r in rows_raw]), np.stack([r["thumb_gt"] for r in rows_raw]))
-    metrics["pairing_check"] = {k: pc[k] for k in ("matched_r_mean", "other_r_mean", "own_best_fraction", "chance")}
-    if n >= 3 and not pc["matched_r_mean"] > pc["other_r_mean"]:
+    metrics["pairing_check"] = {k: pc[k] for k in ("matched_r_mean", "other_r_mean", "own_best_fraction", "chance",
+                                                    "flat_predictions")}
+    if n - pc["flat_predictions"] >= 3 and not pc["matched_r_mean"] > pc["other_r_mean"]:
         warn(f"pairing check: predictions are no more like their own ground truth (mean r {pc['matched_r_mean']:.3f}) "
              f"than like the others (mean r {pc['other_r_mean']:.3f}); are the file names of the right images?")
     rows = summary.per_image_rows(pairs, rows_raw, pc)

@@ -59,19 +59,27 @@ def pairing_check(thumbs_pred: np.ndarray, thumbs_gt: np.ndarray) -> dict[str, A
     Returns the mean Pearson r of matched pairs, the mean r over all mismatched pairs, the fraction
     of predictions whose own ground truth is the most correlated, and each image's rank (1 = own
     ground truth is the best match). A file-name mix-up (contents swapped) shows as ranks > 1.
+    A flat prediction (one colour, e.g. a floor image) has no correlation with anything: the two
+    means are taken over the other predictions (NaN when every one is flat), and ``flat_predictions``
+    counts them.
     """
-    def z(a: np.ndarray) -> np.ndarray:
+    def z(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         a = a - a.mean(axis=1, keepdims=True)
         n = np.linalg.norm(a, axis=1, keepdims=True)
-        return np.divide(a, n, out=np.zeros_like(a), where=n > 0)
+        return np.divide(a, n, out=np.zeros_like(a), where=n > 0), n[:, 0] > 0
 
     n = thumbs_pred.shape[0]
-    r = z(thumbs_pred.astype(np.float64)) @ z(thumbs_gt.astype(np.float64)).T  # [N, N]
+    zp, varied = z(thumbs_pred.astype(np.float64).reshape(n, -1))
+    r = zp @ z(thumbs_gt.astype(np.float64).reshape(n, -1))[0].T  # [N, N]
     own = np.diagonal(r).copy()
     rank = 1 + (r > own[:, None]).sum(axis=1)
-    other = (r.sum() - own.sum()) / (n * (n - 1)) if n > 1 else float("nan")
-    return {"matched_r_mean": float(own.mean()), "other_r_mean": float(other),
-            "own_best_fraction": float((rank == 1).mean()), "chance": 1.0 / n, "rank": rank, "r": own}
+    m = int(varied.sum())
+    rv = r[varied]
+    matched = float(own[varied].mean()) if m else float("nan")
+    other = (rv.sum() - own[varied].sum()) / (m * (n - 1)) if m and n > 1 else float("nan")
+    return {"matched_r_mean": matched, "other_r_mean": float(other),
+            "own_best_fraction": float((rank == 1).mean()), "chance": 1.0 / n, "rank": rank, "r": own,
+            "flat_predictions": n - m}
 
 
 def jsonable(obj: Any) -> Any:
