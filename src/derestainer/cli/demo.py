@@ -14,8 +14,8 @@ from derestainer.core.errors import DerestainerError
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True)
 @click.option("--train", "n_train", type=int, default=400, show_default=True, help="Synthetic training pairs.")
 @click.option("--test", "n_test", type=int, default=80, show_default=True, help="Synthetic test pairs.")
-@click.option("--steps", type=int, default=1500, show_default=True, help="DeReStainer training steps.")
-@click.option("--classifier-steps", type=int, default=300, show_default=True)
+@click.option("--steps", type=int, default=1200, show_default=True, help="DeReStainer training steps.")
+@click.option("--classifier-steps", type=int, default=150, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 def demo(out: Path, n_train: int, n_test: int, steps: int, classifier_steps: int, seed: int, device: str) -> None:
