@@ -57,7 +57,7 @@ class DemoSpec:
     image_size: int = 64       # SynthBCI images (the BCI layout's "1024 px" stands here)
     displacement: str = "registered"
     train_size: int = 64       # training resolution (the BCI protocol resizes back to image_size)
-    steps: int = 1200
+    steps: int = 1000
     classifier_steps: int = 150
     classifier_arch: str = "resnet18"
     comparator_arch: str = "tiny"

@@ -14,7 +14,7 @@ from derestainer.core.errors import DerestainerError
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True)
 @click.option("--train", "n_train", type=int, default=400, show_default=True, help="Synthetic training pairs.")
 @click.option("--test", "n_test", type=int, default=80, show_default=True, help="Synthetic test pairs.")
-@click.option("--steps", type=int, default=1200, show_default=True, help="DeReStainer training steps.")
+@click.option("--steps", type=int, default=1000, show_default=True, help="DeReStainer training steps.")
 @click.option("--classifier-steps", type=int, default=150, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
