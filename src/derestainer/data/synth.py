@@ -59,9 +59,25 @@ from derestainer.data.synth_tissue import (
 )
 
 __all__ = [
-    "DISPLACEMENTS", "GENERATOR_VERSION", "HER2_PATTERNS", "SPLITS", "MembranePattern", "Slide", "SynthParams", "canvas_padding",
-    "dataset_files", "encode_png", "generate_dataset", "pair_level", "pair_name", "pair_seed", "render_pair",
-    "sample_slide", "stale_files", "displacement_name", "with_displacement",
+    "DISPLACEMENTS",
+    "GENERATOR_VERSION",
+    "HER2_PATTERNS",
+    "SPLITS",
+    "MembranePattern",
+    "Slide",
+    "SynthParams",
+    "canvas_padding",
+    "dataset_files",
+    "displacement_name",
+    "encode_png",
+    "generate_dataset",
+    "pair_level",
+    "pair_name",
+    "pair_seed",
+    "render_pair",
+    "sample_slide",
+    "stale_files",
+    "with_displacement",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "test")

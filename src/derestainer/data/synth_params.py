@@ -156,7 +156,9 @@ def with_displacement(p: SynthParams, name: str) -> SynthParams:
     """
     if name not in DISPLACEMENTS:
         raise ValueError(f"unknown displacement {name!r}; choose one of {', '.join(DISPLACEMENTS)}")
-    return replace(p, **DISPLACEMENTS[name])
+    d = DISPLACEMENTS[name]
+    return replace(p, max_shift=d["max_shift"], max_rotation_deg=d["max_rotation_deg"],
+                   warp_amplitude=d["warp_amplitude"])
 
 
 def displacement_name(params: Mapping[str, Any]) -> str | None:
