@@ -16,7 +16,7 @@ from typing import Any
 from derestainer.core.config import from_dict, to_dict
 from derestainer.core.errors import ConfigError
 from derestainer.core.fileformat import load_tensors
-from derestainer.core.io import list_images
+from derestainer.core.io import file_sha256, list_images
 from derestainer.inference.folders import collect_inputs
 
 #: Version of the evaluation protocol a record was made with; part of the evaluation fingerprint, so that
@@ -35,11 +35,7 @@ def fingerprint(obj: Any) -> str:
 
 def file_digest(path: Path) -> str:
     """SHA-256 (first 16 hex digits) of a file's bytes: identifies a classifier checkpoint."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def data_digest(dirs: dict[str, Path]) -> str:

@@ -367,3 +367,12 @@ def jsonable(obj: Any, nonfinite: Literal["keep", "null"] = "keep") -> Any:
         except (ValueError, RuntimeError):
             return obj
     return obj
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
