@@ -43,7 +43,8 @@ def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_s
     Without --mpp the inputs are taken to be at the model's training µm/px; an input 1.5 times the
     model's training size or more gets a warning (a 1024 px BCI tile for a model trained at 512 px
     needs --mpp). Also writes OUT/predictions.csv and OUT/predictions.json: the predicted HER2 level and the
-    probability of each level per image (empty for models without a level head).
+    probability of each level per image (empty for models without a level head). Whole slides
+    (SVS, NDPI, MRXS, pyramidal TIFF, …) are refused: `translate-slide` reads them tile by tile.
     """
     from tqdm.auto import tqdm
 
@@ -51,11 +52,14 @@ def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_s
     from derestainer.core.io import check_images
     from derestainer.inference.folders import PREDICTION_FILES, collect_inputs, translate_files
     from derestainer.inference.loading import load_model
+    from derestainer.inference.slide_jobs import refuse_whole_slides
 
     try:
         jobs = collect_inputs(inputs, recursive=recursive)
     except (FileNotFoundError, ValueError) as exc:  # a missing input, clashing outputs, no images
         raise fail(str(exc)) from None
+    # an SVS/NDPI/MRXS/pyramidal TIFF would be decoded whole (all of level 0) into one PNG
+    refuse_whole_slides([j.src for j in jobs])
     # before any work: no output may be an input, nor land where the inputs are listed
     refuse_overlap(inputs, out_files=[out_dir / j.rel for j in jobs] + [out_dir / f for f in PREDICTION_FILES],
                    out_dirs=[out_dir], recursive=recursive)

@@ -20,6 +20,7 @@ from derestainer.core.config import Config, replace
 from derestainer.core.device import resolve_device
 from derestainer.core.fileformat import read_meta
 from derestainer.core.guard import refuse_overlap
+from derestainer.core.io import file_sha256
 from derestainer.core.levels import HER2_LEVELS
 from derestainer.core.runs import resolve_generator_file
 from derestainer.inference.optimize import optimize_for_inference
@@ -38,6 +39,7 @@ class LoadedModel:
         multiple: input height/width must be divisible by this.
         level_names: names of the HER2 classes of f_level.
         path: the file it was loaded from; meta: its metadata.
+        sha256: SHA-256 of that file's bytes when it was loaded ("" when not computed).
     """
 
     model: torch.nn.Module
@@ -48,6 +50,29 @@ class LoadedModel:
     level_names: tuple[str, ...]
     path: Path
     meta: dict[str, Any]
+    sha256: str = ""
+
+    @property
+    def step(self) -> int | None:
+        """The training step the weights were saved at (checkpoints and exports record it), or None."""
+        v = self.meta.get("step")
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    @property
+    def training_data(self) -> str | None:
+        """The training data's name from the metadata: ``training_data`` if recorded, else the config's
+        dataset folder name with its layout and split (``BCI_dataset (bci, split train)``); None if neither."""
+        named = self.meta.get("training_data")
+        if isinstance(named, str) and named:
+            return named
+        cfg = self.meta.get("config")
+        data = cfg.get("data") if isinstance(cfg, dict) else None
+        if not isinstance(data, dict):
+            return None
+        folder = data.get("root") or data.get("he_dir")
+        if not isinstance(folder, str) or not folder:
+            return None
+        return f"{Path(folder).name} ({data.get('layout', '?')}, split {data.get('train_split', '?')})"
 
 
 def size_multiple(model: torch.nn.Module, cfg: Config) -> int:
@@ -87,7 +112,8 @@ def load_model(
     names = HER2_LEVELS if n == len(HER2_LEVELS) else tuple(str(k) for k in range(n))
     mpp = float(meta.get("mpp", cfg.data.mpp))
     return LoadedModel(model=model, device=dev, mpp=mpp, size=int(meta.get("size", cfg.data.size)),
-                       multiple=size_multiple(model, cfg), level_names=names, path=path, meta=meta)
+                       multiple=size_multiple(model, cfg), level_names=names, path=path, meta=meta,
+                       sha256=file_sha256(path))
 
 
 def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *, mpp: float | None = None) -> dict[str, Any]:

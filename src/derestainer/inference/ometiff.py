@@ -14,6 +14,11 @@ Two layouts:
   (the layout of ``vips tiffsave --pyramid``); OpenSlide sees every level; QuPath opens it through
   OpenSlide. No OME-XML.
 
+The OME-XML is written by :func:`.provenance.ome_xml` (``OME/@Creator`` derestainer; with
+``PyramidOptions.provenance``, the virtual-stain note, a MapAnnotation with the record and the
+Objective's magnification); the ``openslide`` layout gets that record as JSON in ImageDescription.
+Every page's Software tag is ``derestainer <version>``.
+
 Both carry the pixel size as TIFF resolution tags (pixels per centimetre), which OpenSlide turns
 into ``openslide.mpp-x/y``; the OME layout also as OME ``PhysicalSizeX/Y`` in µm.
 
@@ -30,11 +35,12 @@ of raw tiles takes a whole level of most slides at once, and keeps all their enc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -42,6 +48,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from derestainer.core.io import atomic_path
+from derestainer.inference.provenance import description_json, ome_xml, software
 from derestainer.inference.tiling import HighWater, downsample2_rows, rows_to_tiles
 
 
@@ -147,7 +154,8 @@ class PyramidOptions:
         quality: JPEG quality.
         layout: ``ome`` (SubIFD pyramid, OME-XML) or ``openslide`` (top-level reduced pages).
         name: OME image name.
-        description: ImageDescription for the ``openslide`` layout.
+        description: ImageDescription for the ``openslide`` layout (without ``provenance``).
+        provenance: the record of :func:`.provenance.slide_provenance` to embed (module docstring).
     """
 
     tile: int = 256
@@ -156,6 +164,11 @@ class PyramidOptions:
     layout: Layout = "ome"
     name: str = "virtual IHC"
     description: str = ""
+    provenance: Mapping[str, Any] | None = None
+
+    def with_provenance(self, provenance: Mapping[str, Any] | None) -> PyramidOptions:
+        """These options with ``provenance`` to embed."""
+        return dataclasses.replace(self, provenance=provenance)
 
     def check(self) -> None:
         """Raises ValueError for an unknown compression or layout, or a tile side that is not a multiple of 16."""
@@ -197,7 +210,7 @@ def encoder_buffer(tile: int, width: int) -> int:
 def _common_kwargs(o: PyramidOptions) -> dict[str, Any]:
     """tifffile ``write`` arguments shared by every level: tiling, colour, compression."""
     common: dict[str, Any] = {"tile": (o.tile, o.tile), "photometric": "rgb", "dtype": np.uint8,
-                              "resolutionunit": "CENTIMETER"}
+                              "resolutionunit": "CENTIMETER", "software": software()}
     if o.compression == "jpeg":
         common.update(compression="jpeg", compressionargs={"level": int(o.quality)})
     else:
@@ -205,18 +218,18 @@ def _common_kwargs(o: PyramidOptions) -> dict[str, Any]:
     return common
 
 
-def _level_kwargs(o: PyramidOptions, k: int, n_levels: int, mpp: float) -> dict[str, Any]:
-    """tifffile ``write`` arguments of level ``k`` (of ``n_levels``) beyond the common ones; ``mpp``: of the base."""
-    if k > 0:
-        # reduced-resolution image; the openslide layout carries no OME-XML
-        return {"subfiletype": 1, **({"metadata": None} if o.layout == "openslide" else {})}
+def _level_kwargs(o: PyramidOptions, k: int, shape: tuple[int, int], n_levels: int, mpp: float) -> dict[str, Any]:
+    """tifffile ``write`` arguments of level ``k`` (``shape``, of ``n_levels``) beyond the common ones; ``mpp``: of the base.
+
+    tifffile writes no metadata of its own: the first page's ImageDescription is ours (OME-XML or text).
+    """
+    if k > 0:  # reduced-resolution image
+        return {"subfiletype": 1, "metadata": None}
     if o.layout == "openslide":
-        return {"description": o.description or o.name, "metadata": None}
-    return {"subifds": n_levels - 1, "metadata": {
-        "axes": "YXS", "Name": o.name,
-        "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
-        "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm",
-    }}
+        text = description_json(o.name, o.provenance) if o.provenance else (o.description or o.name).encode()
+        return {"description": text, "metadata": None}
+    return {"subifds": n_levels - 1, "metadata": None,
+            "description": ome_xml(o.name, shape[1], shape[0], mpp, o.provenance)}
 
 
 def write_pyramid(
@@ -244,7 +257,8 @@ def write_pyramid(
         before_rename: called once the file is complete, just before it is renamed to ``path``.
 
     Returns:
-        ``{"levels": [(h, w), ...], "mpp": [...per level], "compression", "layout", "tile"}``.
+        ``{"levels": [(h, w), ...], "mpp": [...per level], "compression", "layout", "tile", "provenance"}``
+        (``provenance``: the record embedded, or None).
 
     Raises:
         ValueError: bad options, or row blocks that do not make a ``height × width`` RGB image.
@@ -272,6 +286,7 @@ def write_pyramid(
         "compression": o.compression,
         "layout": o.layout,
         "tile": o.tile,
+        "provenance": None if o.provenance is None else dict(o.provenance),
     }
 
 
@@ -281,7 +296,7 @@ def _write_levels(tmp: Path, rows: Iterable[np.ndarray], shapes: list[tuple[int,
     import tifffile  # optional (the wsi extra)
 
     common = _common_kwargs(o)
-    with tifffile.TiffWriter(tmp, bigtiff=True, ome=(o.layout == "ome")) as tif:
+    with tifffile.TiffWriter(tmp, bigtiff=True, ome=False) as tif:  # the OME-XML is ours (_level_kwargs)
         for k, (h, w) in enumerate(shapes):
             src: Iterable[np.ndarray] = rows if k == 0 else spools[k - 1]
             nxt = _Spool(work, f"level{k + 1}") if k + 1 < len(shapes) else None
@@ -294,7 +309,7 @@ def _write_levels(tmp: Path, rows: Iterable[np.ndarray], shapes: list[tuple[int,
             stream = _checked(_tee_downsample(src, nxt), h, w, k)
             px_per_cm = 1e4 / (mpp * width / w)
             tif.write(rows_to_tiles(stream, w, o.tile, held=stats.tiler[-1]), **common, **buffer, shape=(h, w, 3),
-                      resolution=(px_per_cm, px_per_cm), **_level_kwargs(o, k, len(shapes), mpp))
+                      resolution=(px_per_cm, px_per_cm), **_level_kwargs(o, k, (h, w), len(shapes), mpp))
             # tifffile stops pulling once it has every tile; run the stream to its end so that the
             # row count is checked and the next level's spool is flushed.
             for _ in stream:

@@ -10,6 +10,7 @@ round(H0 / scale)`` pixels at ``mpp_model`` µm/px.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,12 +85,19 @@ def plan_slide(
     return SlidePlan(mpp, src, float(model_mpp), scale, level, reader.level_downsamples[level], height, width, grid)
 
 
-def read_model_region(reader: SlideReader, plan: SlidePlan, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+def read_model_region(reader: SlideReader, plan: SlidePlan, y0: int, x0: int, h: int, w: int,
+                      normalizer: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """The slide region ``[y0, y0+h) × [x0, x0+w)`` in output (model-resolution) pixels, ``uint8 [h, w, 3]``.
 
     Resampled from ``plan.level`` with Lanczos over the exact (fractional) source box, so that
-    overlapping tiles see identical pixels where they overlap.
+    overlapping tiles see identical pixels where they overlap; then, with ``normalizer`` (a pixel-wise
+    uint8 → uint8 map, :mod:`.normalize`), stain-normalised, which keeps them identical.
     """
+    region = _read_model_region(reader, plan, y0, x0, h, w)
+    return region if normalizer is None else normalizer(region)
+
+
+def _read_model_region(reader: SlideReader, plan: SlidePlan, y0: int, x0: int, h: int, w: int) -> np.ndarray:
     r = plan.resample
     if abs(r - 1.0) < 1e-9:
         return reader.read_level(plan.level, x0, y0, w, h)
@@ -111,6 +119,8 @@ class TileSelection:
         thumb: the slide's thumbnail ``uint8 [h, w, 3]``; thumb_mpp: its µm/px.
         mask: tissue mask of the thumbnail (bool ``[h, w]``).
         frac: tissue fraction per tile ``[n_rows, n_cols]``; run: tiles to run (bool, same shape).
+        ink_pixels: thumbnail pixels that pen-ink rejection took out of the mask (ink that would
+            otherwise pass as tissue, and glass it encloses that would be filled in); 0 without it.
     """
 
     thumb: np.ndarray
@@ -118,19 +128,22 @@ class TileSelection:
     mask: np.ndarray
     frac: np.ndarray
     run: np.ndarray
+    ink_pixels: int = 0
 
 
 def select_tiles(reader: SlideReader, plan: SlidePlan, *, thumbnail_side: int = 1024, all_tiles: bool = False,
-                 min_tissue: float = 0.0) -> TileSelection:
-    """Tissue mask on a thumbnail (:mod:`.tissue`) and the tiles with more than ``min_tissue`` tissue (all with ``all_tiles``)."""
+                 min_tissue: float = 0.0, reject_ink: bool = True) -> TileSelection:
+    """Tissue mask on a thumbnail (:mod:`.tissue`; pen ink rejected unless ``reject_ink`` is false) and the
+    tiles with more than ``min_tissue`` tissue (all with ``all_tiles``)."""
     grid = plan.grid
     thumb = reader.thumbnail(thumbnail_side)
     thumb_mpp = plan.slide_mpp * reader.dimensions[0] / thumb.shape[1]
-    mask = tissue_mask(thumb, thumb_mpp)
+    mask = tissue_mask(thumb, thumb_mpp, reject_ink=reject_ink)
+    ink_pixels = int((tissue_mask(thumb, thumb_mpp, reject_ink=False) & ~mask).sum()) if reject_ink else 0
     boxes = np.array([grid.box(i, j) for i in range(grid.n_rows) for j in range(grid.n_cols)], dtype=np.int64)
     frac = tile_tissue_fraction(mask, boxes, thumb.shape[1] / plan.width).reshape(grid.n_rows, grid.n_cols)
     run = np.ones_like(frac, dtype=bool) if all_tiles else frac > min_tissue
-    return TileSelection(thumb, thumb_mpp, mask, frac, run)
+    return TileSelection(thumb, thumb_mpp, mask, frac, run, ink_pixels)
 
 
 __all__ = ["SlidePlan", "TileSelection", "plan_slide", "read_model_region", "select_tiles"]

@@ -5,15 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from derestainer.core.errors import SlideError
+from derestainer.inference.geometry import Geometry
 from derestainer.inference.ometiff import Compression, Layout, PyramidOptions
 from derestainer.inference.precision import Precision
+from derestainer.stain.normalize import NormalizeMethod
 
 
 @dataclass(frozen=True)
 class SlideOptions:
     """Settings of :func:`~derestainer.inference.wsi.translate_slide` (the CLI's options).
 
-    ``margin`` < 0 → ``overlap // 4``. ``min_tissue``: a tile is run when more than this fraction of
+    ``geometry``: ``native`` writes the slide's level-0 size and µm/px, ``model`` the model's
+    (:mod:`.geometry`). ``margin`` < 0 → ``overlap // 4``. ``slide_mpp``: level-0 µm/px for every slide, over its metadata
+    (``--mpp``); ``default_mpp``: µm/px only for slides whose metadata state none (``--default-mpp``).
+    ``min_tissue``: a tile is run when more than this fraction of
     it is tissue (0 → any tissue). ``level_threshold``: see
     :func:`~derestainer.inference.slide_outputs.slide_level`.
     """
@@ -25,8 +30,10 @@ class SlideOptions:
     compression: Compression = "jpeg"
     quality: int = 90
     layout: Layout = "ome"
+    geometry: Geometry = "native"
     out_tile: int = 256
     slide_mpp: float | None = None
+    default_mpp: float | None = None
     resume: bool = False
     keep_work: bool = False
     all_tiles: bool = False
@@ -36,6 +43,7 @@ class SlideOptions:
     precision: Precision = "auto"
     progress: bool = True
     workers: int = 2
+    normalize: NormalizeMethod = "none"  # stain normalisation of the tiles read (inference.normalize)
 
     def check_tiles(self, multiple: int) -> None:
         """Raises SlideError when ``tile`` is not a multiple of the model's ``multiple`` or ``overlap`` is not in ``[0, tile)``."""

@@ -14,9 +14,20 @@ import numpy as np
 from PIL import Image
 
 from derestainer.core.io import write_bytes, write_json, write_text
+from derestainer.inference.geometry import output_geometry
+from derestainer.inference.her2_map import (
+    HeatmapScale,
+    colourbar_ticks,
+    expected_level,
+    heatmap_range,
+    heatmap_title,
+    nearest_tile,
+    tile_box_level0,
+    write_geojson,
+    write_probability_map,
+)
 from derestainer.inference.plan import SlidePlan, TileSelection
 from derestainer.inference.slide_options import SlideOptions
-from derestainer.inference.tiling import TileGrid
 
 #: Level probabilities per tile (``[row][col]``), None where the tile was not run.
 ProbsGrid = list[list[list[float] | None]]
@@ -31,10 +42,12 @@ class SlideOutputs:
     tiles_csv: Path
     summary: Path
     work: Path
+    geojson: Path  # NAME.her2.geojson: tissue tiles for QuPath (level-0 pixels)
+    her2_map: Path  # NAME.her2.ome.tiff: level probabilities on the tile-stride grid, registered to the slide
 
     def files(self) -> tuple[Path, ...]:
         """Every path written for the slide (the work folder included)."""
-        return self.tiff, self.heatmap, self.tiles_csv, self.summary, self.work
+        return self.tiff, self.heatmap, self.tiles_csv, self.summary, self.work, self.geojson, self.her2_map
 
     @property
     def lock(self) -> Path:
@@ -48,7 +61,7 @@ class SlideOutputs:
         stem = strip_tiff_suffixes(t.name)
         d = t.parent
         return cls(t, d / f"{stem}.heatmap.png", d / f"{stem}.tiles.csv", d / f"{stem}.summary.json",
-                   d / f".{stem}.work")
+                   d / f".{stem}.work", d / f"{stem}.her2.geojson", d / f"{stem}.her2.ome.tiff")
 
 
 def strip_tiff_suffixes(name: str) -> str:
@@ -104,15 +117,20 @@ class SlideResult:
 
 
 def write_slide_outputs(r: SlideResult) -> dict[str, Any]:
-    """Write the tile CSV, the heat map (models with a level head) and the summary JSON; return the summary."""
+    """Write the tile CSV; for models with a level head the heat map, GeoJSON and probability map
+    (:mod:`.her2_map`); then the summary JSON; return the summary."""
     summary = summarise(r)
-    sel = r.selection
-    write_tiles_csv(r.outs.tiles_csv, r.plan.grid, sel.frac, sel.run, r.probs_grid, r.level_names)
+    sel, outs, names = r.selection, r.outs, r.level_names
+    write_tiles_csv(outs.tiles_csv, r.plan, sel.frac, sel.run, r.probs_grid, names, slide_size=r.slide_size)
     if summary["level_predictions"]:
-        write_heatmap(r.outs.heatmap, sel.thumb, sel.mask, r.plan, r.probs_grid, r.level_names, title=r.slide.name)
-    else:  # a model without a level head: no heat map, and none of an earlier run left beside the new TIFF
-        r.outs.heatmap.unlink(missing_ok=True)
-    write_json(r.outs.summary, summary)  # last: the record that the slide's outputs are complete
+        write_heatmap(outs.heatmap, sel.thumb, sel.mask, r.plan, r.probs_grid, names, title=r.slide.name,
+                      call=summary["predicted_level"])
+        write_geojson(outs.geojson, r.plan, sel.frac, r.probs_grid, names, slide_size=r.slide_size)
+        write_probability_map(outs.her2_map, r.plan, r.probs_grid, names, name=f"HER2 probabilities of {r.slide.name}")
+    else:  # a model without a level head: none of these, and none of an earlier run left beside the new TIFF
+        for p in (outs.heatmap, outs.geojson, outs.her2_map):
+            p.unlink(missing_ok=True)
+    write_json(outs.summary, summary)  # last: the record that the slide's outputs are complete
     return summary
 
 
@@ -138,13 +156,19 @@ def summarise(r: SlideResult) -> dict[str, Any]:
         "level_read": plan.level,
         "level_downsample": plan.level_downsample,
         "resample_factor": plan.resample,
-        "output_size": [plan.width, plan.height],
-        "pyramid": r.pyramid,
+        "geometry": o.geometry,
+        "output_size": list(output_geometry(plan, r.slide_size, o.geometry)[:2]),
+        "output_mpp": output_geometry(plan, r.slide_size, o.geometry)[2],
+        "model_size": [plan.width, plan.height],
+        "pyramid": {k: v for k, v in r.pyramid.items() if k != "provenance"},
+        # what the TIFF itself records of how it was made (.provenance): the same record, here too
+        "provenance": r.pyramid.get("provenance"),
         "tile": o.tile, "overlap": o.overlap, "margin": grid.margin,
         "tiles": {"total": len(grid), "run": int(run.sum()), "skipped": int(len(grid) - run.sum()),
                   "computed_this_session": r.computed_tiles},
         "tissue_area_mm2": float(mask.sum() * r.selection.thumb_mpp**2 / 1e6),
         "tissue_fraction": float(mask.mean()),
+        "ink_pixels": r.selection.ink_pixels,  # thumbnail pixels of pen ink taken out of the tissue mask
         "level_predictions": has_head,
         "levels": list(names),
         "mean_probabilities": None if mean is None else {n: float(v) for n, v in zip(names, mean)},
@@ -163,20 +187,34 @@ def summarise(r: SlideResult) -> dict[str, Any]:
     }
 
 
-def write_tiles_csv(path: Path, grid: TileGrid, frac: np.ndarray, run: np.ndarray,
-                    probs_grid: ProbsGrid, names: Sequence[str]) -> None:
-    """Per-tile CSV: position, tissue fraction, whether it ran, most probable and expected level, probabilities."""
+def write_tiles_csv(path: Path, plan: SlidePlan, frac: np.ndarray, run: np.ndarray,
+                    probs_grid: ProbsGrid, names: Sequence[str], slide_size: tuple[int, int] | None = None) -> None:
+    """Per-tile CSV: level-0 box, model-pixel position, tissue fraction, whether it ran, most probable and
+    expected level, probabilities.
+
+    ``x0, y0, width0, height0``: the tile in the slide's level-0 pixels (:func:`~.her2_map.tile_box_level0`,
+    cut at ``slide_size``); ``x_model, y_model, size_model``: in the output's (model-resolution) pixels.
+    (Before: ``y, x, size`` in model pixels; renamed so that a reader of the old columns fails, not misreads.)
+    """
+    grid = plan.grid
     buf = io.StringIO()
     wr = csv.writer(buf, lineterminator="\n")
-    wr.writerow(["row", "col", "y", "x", "size", "tissue_fraction", "run", "level", "expected_level"]
-                + [f"p_{n}" for n in names])
+    wr.writerow(["row", "col", "x0", "y0", "width0", "height0", "x_model", "y_model", "size_model",
+                 "tissue_fraction", "run", "level", "expected_level"] + [f"p_{n}" for n in names])
     for i in range(grid.n_rows):
         for j in range(grid.n_cols):
             p = probs_grid[i][j]
-            extra = ([names[int(np.argmax(p))], f"{float(np.dot(p, np.arange(len(p)))):.4f}"]
+            extra = ([names[int(np.argmax(p))], f"{expected_level(p):.4f}"]
                      + [f"{v:.6f}" for v in p]) if p is not None else [""] * (2 + len(names))
-            wr.writerow([i, j, int(grid.ys[i]), int(grid.xs[j]), grid.tile, f"{frac[i, j]:.4f}", int(run[i, j])] + extra)
+            box0 = [_coord(v) for v in tile_box_level0(plan, i, j, slide_size)]
+            wr.writerow([i, j, *box0, int(grid.xs[j]), int(grid.ys[i]), grid.tile, f"{frac[i, j]:.4f}",
+                         int(run[i, j])] + extra)
     write_text(path, buf.getvalue())
+
+
+def _coord(v: float) -> str:
+    """A level-0 coordinate for the CSV: 3 decimals at most, none when whole (``96``, ``47.5``)."""
+    return f"{v:.3f}".rstrip("0").rstrip(".")
 
 
 def heatmap_grid(probs_grid: ProbsGrid) -> np.ndarray:
@@ -185,13 +223,19 @@ def heatmap_grid(probs_grid: ProbsGrid) -> np.ndarray:
     for i, row in enumerate(probs_grid):
         for j, p in enumerate(row):
             if p is not None:
-                out[i, j] = float(np.dot(p, np.arange(len(p))))
+                out[i, j] = expected_level(p)
     return out
 
 
-def write_heatmap(path: Path, thumb: np.ndarray, mask: np.ndarray, plan: SlidePlan,
-                  probs_grid: ProbsGrid, names: Sequence[str], title: str = "") -> None:
-    """H&E thumbnail beside the expected-level heat map (nearest tile centre per pixel, tissue only)."""
+def write_heatmap(path: Path, thumb: np.ndarray, mask: np.ndarray, plan: SlidePlan, probs_grid: ProbsGrid,
+                  names: Sequence[str], title: str = "", call: str | None = None,
+                  scale: HeatmapScale = "data") -> None:
+    """H&E thumbnail beside the expected-level heat map (nearest tile centre per pixel, tissue only).
+
+    Colours span the expected levels shown (``scale="data"``, :func:`~.her2_map.heatmap_range`) or the
+    fixed 0 … 3 (``"fixed"``); the title names the slide, its slide-level ``call`` and that the stain is
+    virtual (:func:`~.her2_map.heatmap_title`).
+    """
     # Imported here: matplotlib costs ~0.5 s to import and only the heat map needs it. An Agg canvas of
     # its own, no pyplot, so the user's backend (e.g. Jupyter's) is left alone.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -209,10 +253,11 @@ def write_heatmap(path: Path, thumb: np.ndarray, mask: np.ndarray, plan: SlidePl
     # Thumbnail pixel → nearest tile centre along each axis (output coordinates).
     cy = (np.arange(th) + 0.5) * plan.height / th
     cx = (np.arange(tw) + 0.5) * plan.width / tw
-    iy = np.abs(cy[:, None] - (grid.ys + grid.tile / 2)[None, :]).argmin(axis=1)
-    ix = np.abs(cx[:, None] - (grid.xs + grid.tile / 2)[None, :]).argmin(axis=1)
+    iy = nearest_tile(cy, grid.ys, grid.tile, plan.height)
+    ix = nearest_tile(cx, grid.xs, grid.tile, plan.width)
     heat = values[iy[:, None], ix[None, :]]
     heat[~mask] = np.nan
+    vmin, vmax = heatmap_range(heat, len(names), scale)
     gray = thumb.mean(axis=-1) / 255.0
     fig = Figure(figsize=(10, min(5.0 * th / max(tw, 1), 12.0) + 0.8), dpi=80)
     FigureCanvasAgg(fig)
@@ -220,15 +265,16 @@ def write_heatmap(path: Path, thumb: np.ndarray, mask: np.ndarray, plan: SlidePl
     axes[0].imshow(thumb, interpolation="nearest")
     axes[0].set_title("H&E")
     axes[1].imshow(gray, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    im = axes[1].imshow(np.ma.masked_invalid(heat), cmap="YlOrBr", vmin=0, vmax=len(names) - 1, alpha=0.85,
+    im = axes[1].imshow(np.ma.masked_invalid(heat), cmap="YlOrBr", vmin=vmin, vmax=vmax, alpha=0.85,
                         interpolation="nearest")
-    axes[1].set_title("predicted HER2 level (expected, per tile)")
+    axes[1].set_title("virtual HER2 level (expected, per tile)")
     for ax in axes:
         ax.set_axis_off()
-    cb = fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02, ticks=range(len(names)))
-    cb.ax.set_yticklabels(list(names))
-    if title:
-        fig.suptitle(title)
+    ticks, labels = colourbar_ticks(vmin, vmax, names)
+    cb = fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02, ticks=ticks)
+    cb.ax.set_yticklabels(labels)
+    cb.set_label("expected HER2 level" + (" (this slide's range)" if scale == "data" else ""))
+    fig.suptitle(heatmap_title(title, call))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

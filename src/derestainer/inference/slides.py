@@ -43,6 +43,7 @@ class SlideReader:
         mpp: microns per pixel of level 0, or None if the file does not say.
         mpp_source: where ``mpp`` came from.
         vendor: reader/format name.
+        objective_power: the scanner's objective magnification (e.g. 40), or None if the file does not say.
     """
 
     path: Path
@@ -51,6 +52,7 @@ class SlideReader:
     mpp: float | None = None
     mpp_source: str = ""
     vendor: str = ""
+    objective_power: float | None = None
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -129,6 +131,7 @@ class OpenSlideReader(SlideReader):
             with contextlib.suppress(ValueError):
                 if float(mpp) > 0:
                     self.mpp, self.mpp_source = float(mpp), "openslide.mpp-x"
+        self.objective_power = _positive(props.get("openslide.objective-power") or props.get("aperio.AppMag"))
 
     def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = self.level_downsamples[level]
@@ -137,6 +140,27 @@ class OpenSlideReader(SlideReader):
 
     def close(self) -> None:
         self._s.close()
+
+
+def _positive(text: Any) -> float | None:
+    """``text`` as a positive finite number, else None."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _tiff_objective(tf: Any) -> float | None:
+    """Objective power of a TIFF: Aperio ``AppMag =``, else the first OME Objective's ``NominalMagnification``."""
+    m = re.search(r"\bAppMag\s*=\s*([0-9.eE+-]+)", tf.pages[0].description or "")
+    if m:
+        return _positive(m.group(1))
+    if getattr(tf, "is_ome", False) and tf.ome_metadata:
+        m = re.search(r'<(?:\w+:)?Objective\b[^>]*\bNominalMagnification="([^"]+)"', tf.ome_metadata)
+        if m:
+            return _positive(m.group(1))
+    return None
 
 
 def _tiff_mpp(tf: Any) -> tuple[float | None, str]:
@@ -201,6 +225,7 @@ class TiffReader(SlideReader):
         self.level_downsamples = [dims[0][0] / d[0] for d in dims]
         self.vendor = "tifffile"
         self.mpp, self.mpp_source = _tiff_mpp(self._tf)
+        self.objective_power = _tiff_objective(self._tf)
         self._series = series
         self._levels = levels
         self._arrays: dict[int, Any] = {}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ def _file_sig(p: Path) -> list[Any]:
 
 
 def resume_settings(slide: Path, lm: LoadedModel, plan: SlidePlan, run: np.ndarray,
-                    precision: ResolvedPrecision) -> dict[str, Any]:
+                    precision: ResolvedPrecision, normalization: dict[str, Any] | None = None) -> dict[str, Any]:
     """What saved bands depend on; a work folder made with other settings is not resumed."""
     return {
         "slide": _file_sig(slide), "model": _file_sig(lm.path), "tile": plan.grid.tile,
@@ -85,6 +85,8 @@ def resume_settings(slide: Path, lm: LoadedModel, plan: SlidePlan, run: np.ndarr
         # Numerics: bands saved at another precision or by the other path would not match new ones.
         "precision": precision,
         "fast": isinstance(lm.model, InferenceModel),
+        # stain normalisation (inference.normalize), fitted stains included; absent without one (older folders resume)
+        **({} if normalization is None else {"normalization": normalization}),
     }
 
 
@@ -111,7 +113,8 @@ class WorkFolder:
         if resume and progress_path.is_file():
             state = json.loads(progress_path.read_text())
             if state.get("format") != PROGRESS_FORMAT or state.get("settings") != settings:
-                diff = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
+                saved = state.get("settings", {})
+                diff = sorted(k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k))
                 raise SlideError(
                     f"{self.path}: the saved progress was made with other settings ({', '.join(diff) or 'format'}); "
                     f"delete that folder or run without --resume"
@@ -142,8 +145,10 @@ class BandStream:
     """
 
     def __init__(self, lm: LoadedModel, reader: SlideReader, plan: SlidePlan, run: np.ndarray, work: WorkFolder,
-                 done: dict[int, Any], options: SlideOptions) -> None:
+                 done: dict[int, Any], options: SlideOptions,
+                 normalizer: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.lm, self.reader, self.plan, self.run, self.work, self.done = lm, reader, plan, run, work, done
+        self.normalizer = normalizer  # applied to each tile read (inference.normalize), None: as read
         self.batch_size, self.precision, self.workers = options.batch_size, options.precision, options.workers
         grid = plan.grid
         self.probs_grid: ProbsGrid = [[None] * grid.n_cols for _ in range(grid.n_rows)]
@@ -162,7 +167,8 @@ class BandStream:
     def _submit(self, pool: cf.ThreadPoolExecutor, i: int) -> _Futures:
         grid, t = self.plan.grid, self.plan.grid.tile
         y0 = int(grid.ys[i])
-        futures = [(j, pool.submit(read_model_region, self.reader, self.plan, y0, int(grid.xs[j]), t, t))
+        futures = [(j, pool.submit(read_model_region, self.reader, self.plan, y0, int(grid.xs[j]), t, t,
+                                         self.normalizer))
                    for j in range(grid.n_cols) if self.run[i, j]]
         self.tiles_in_flight.take(len(futures))
         return futures

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,14 @@ from tqdm.auto import tqdm
 
 from derestainer.core.errors import SlideError
 from derestainer.core.guard import output_lock, refuse_overlap, unfinished_until_done
+from derestainer.inference.geometry import output_geometry, resample_rows
 from derestainer.inference.loading import LoadedModel
+from derestainer.inference.normalize import fit_slide_normalizer, normalization_record
 from derestainer.inference.ometiff import remove_tree, write_pyramid
 from derestainer.inference.plan import SlidePlan, plan_slide, select_tiles
 from derestainer.inference.precision import ResolvedPrecision
 from derestainer.inference.prediction import resolved_precision
+from derestainer.inference.provenance import slide_provenance
 from derestainer.inference.slide_options import SlideOptions
 from derestainer.inference.slide_outputs import SlideOutputs, SlideResult, write_slide_outputs
 from derestainer.inference.slides import SlideReader, open_slide
@@ -61,16 +65,23 @@ def translate_slide(lm: LoadedModel, slide: str | os.PathLike[str], out: str | o
         plan = _plan(reader, lm, o, slide)
         sel = select_tiles(reader, plan, thumbnail_side=o.thumbnail_side, all_tiles=o.all_tiles,
                            min_tissue=o.min_tissue)
+        norm = fit_slide_normalizer(o.normalize, lm, sel, slide)  # --normalize: fitted on the thumbnail's tissue
         with unfinished_until_done(outs.summary, lazy=True) as state:
             work = WorkFolder(outs.work)
-            done = work.start(resume_settings(slide, lm, plan, sel.run, precision), resume=o.resume,
+            done = work.start(resume_settings(slide, lm, plan, sel.run, precision, normalization_record(norm)),
+                              resume=o.resume,
                               n_rows=plan.grid.n_rows)
-            stream = BandStream(lm, reader, plan, sel.run, work, done, o)
-            desc = f"derestainer virtual IHC of {slide.name}; model {lm.path.name}; mpp {plan.model_mpp:.6g}"
+            stream = BandStream(lm, reader, plan, sel.run, work, done, o, norm)
+            # what made the output, embedded in the TIFF and repeated in the summary (docs/inference.md, "Provenance")
+            width, height, out_mpp = output_geometry(plan, reader.dimensions, o.geometry)
+            prov = slide_provenance(lm, slide, slide_mpp=plan.slide_mpp, output_mpp=out_mpp,
+                                    objective_power=reader.objective_power, normalization=normalization_record(norm))
+            pyr = o.pyramid(f"{slide.name} — virtual HER2 IHC (derestainer)", "").with_provenance(prov)
             with tqdm(total=int(sel.run.sum()), initial=stream.done_tiles, unit="tile", desc=slide.name,
                       disable=not o.progress, dynamic_ncols=True, smoothing=0.1) as bar:
-                pyramid = write_pyramid(outs.tiff, stream.rows(bar), plan.height, plan.width, plan.model_mpp,
-                                        work_dir=outs.work, options=o.pyramid(f"virtual IHC of {slide.name}", desc),
+                # native geometry: the model-resolution bands resampled, streamed, to the slide's level 0
+                rows = resample_rows(stream.rows(bar), (plan.width, plan.height), (width, height))
+                pyramid = write_pyramid(outs.tiff, rows, height, width, out_mpp, work_dir=outs.work, options=pyr,
                                         before_rename=state.begin)
             summary = write_slide_outputs(SlideResult(
                 slide, outs, reader.vendor, reader.dimensions, lm.path, str(lm.device), lm.level_names, plan, o,
@@ -89,12 +100,24 @@ def _precision(lm: LoadedModel, o: SlideOptions) -> ResolvedPrecision:
 
 
 def _plan(reader: SlideReader, lm: LoadedModel, o: SlideOptions, slide: Path) -> SlidePlan:
+    """The slide's plan at level-0 µm/px ``o.slide_mpp`` (every slide), else the metadata's, else ``o.default_mpp``."""
+    def given(v: float | None) -> float | None:  # 0, negative or NaN count as none given (or stated)
+        return v if v is not None and v > 0 else None
+
+    mpp, source = given(o.slide_mpp), "--mpp"
+    if mpp is None and given(reader.mpp) is None:
+        if given(o.default_mpp) is None:
+            raise SlideError(
+                f"{slide}: the slide does not state its resolution (microns per pixel); pass --default-mpp X "
+                f"for the slides that lack it, or --mpp X for every slide (e.g. 0.25 for a 40× scan, 0.5 for 20×)")
+        mpp, source = o.default_mpp, "--default-mpp"
     try:
-        return plan_slide(reader, lm.mpp, tile=o.tile, overlap=o.overlap, margin=o.margin, slide_mpp=o.slide_mpp)
+        plan = plan_slide(reader, lm.mpp, tile=o.tile, overlap=o.overlap, margin=o.margin, slide_mpp=mpp)
     except SlideError:
         raise
     except ValueError as exc:  # tile settings the grid refuses
         raise SlideError(f"{slide}: {exc}") from exc
+    return replace(plan, mpp_source=source) if mpp is not None else plan
 
 
 __all__ = ["translate_slide"]
