@@ -65,7 +65,7 @@ class Embedder:
             else:  # ground truths of different sizes: resize one by one, then batch
                 if self.size is None:
                     raise EvaluationError("ground-truth images differ in size; give the classifier input size (--classifier-size)")
-                x = torch.cat([prepare_images(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).to(self.device), self.size)
+                x = torch.cat([prepare_images(torch.from_numpy(np.require(im, requirements=("C", "W"))).permute(2, 0, 1).to(self.device), self.size)
                                for im in ims])
             if hasattr(self.model, "forward_with_features"):
                 logits, feats = self.model.forward_with_features(x)
