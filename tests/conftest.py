@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,20 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip(f"real data folder {REAL_DATA} is absent (set DERESTAINER_REAL_DATA)")
     return REAL_DATA
+
+
+@pytest.fixture
+def real_slide(real_data: Path) -> Callable[[str], Path]:
+    """``real_slide(name)``: the whole slide ``slides/NAME`` of the real data folder, read with OpenSlide
+    (skipped with the reason where OpenSlide or the file is absent)."""
+    def get(name: str) -> Path:
+        pytest.importorskip("openslide")
+        path = real_data / "slides" / name
+        if not path.is_file():
+            pytest.skip(f"{path} is absent")
+        return path
+
+    return get
 
 
 @pytest.fixture

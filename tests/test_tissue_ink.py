@@ -200,11 +200,8 @@ def test_select_tiles_counts_ink_pixels(tmp_path: Path) -> None:
     assert not sel.mask[must["ring"]].any()
 
 
-def test_ink_on_real_slide_thumbnail(real_data: Path) -> None:
-    pytest.importorskip("openslide")
-    path = real_data / "slides" / "cmu_small_region.svs"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
+def test_ink_on_real_slide_thumbnail(real_slide) -> None:
+    path = real_slide("cmu_small_region.svs")
     with open_slide(path) as reader:
         thumb = reader.thumbnail(600)  # 449 × 600 px (w × h), ~2.5 µm/px
         mpp = float(reader.mpp or 0.499) * reader.dimensions[0] / thumb.shape[1]

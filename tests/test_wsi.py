@@ -564,11 +564,8 @@ def test_memory_in_flight_is_flat_in_slide_size(tmp_path: Path, monkeypatch: pyt
 # Real slides (skipped where ../shared/data/real is absent)
 
 
-def test_real_svs_slide(real_data: Path, tmp_path: Path) -> None:
-    pytest.importorskip("openslide")
-    svs = real_data / "slides" / "cmu_small_region.svs"
-    if not svs.is_file():
-        pytest.skip(f"{svs} is absent")
+def test_real_svs_slide(real_slide, tmp_path: Path) -> None:
+    svs = real_slide("cmu_small_region.svs")
     mf = make_model(tmp_path / "m.safetensors", mpp=8.0)  # coarse model: ~140×185 px output, a dozen tiles
     out = tmp_path / "cmu.ome.tiff"
     s = translate_slide(load_model(mf, "cpu"), svs, out,
@@ -582,11 +579,8 @@ def test_real_svs_slide(real_data: Path, tmp_path: Path) -> None:
     assert sl.dimensions == tuple(s["output_size"]) and float(sl.properties["openslide.mpp-x"]) == pytest.approx(8.0)
 
 
-def test_real_svs_without_mpp_and_level_choice(real_data: Path) -> None:
-    pytest.importorskip("openslide")
-    svs = real_data / "slides" / "tcga-cr-7395-01a-01-ts1.svs"
-    if not svs.is_file():
-        pytest.skip(f"{svs} is absent")
+def test_real_svs_without_mpp_and_level_choice(real_slide) -> None:
+    svs = real_slide("tcga-cr-7395-01a-01-ts1.svs")
     with open_slide(svs) as r:
         assert r.mpp is None and len(r.level_dimensions) == 2
         with pytest.raises(SlideError, match="--mpp"):

@@ -96,7 +96,7 @@ def output_for(slides: Sequence[Path], out: str | os.PathLike[str], layout: Layo
         # every file of a slide's outputs: `a.svs`'s map a.her2.ome.tiff is `a.her2.svs`'s TIFF
         for f in (pth, *SlideOutputs.for_tiff(pth).files()):
             if f in seen and seen[f] != s:
-                raise SlideError(f"{seen[f]} and {s} would both be written to {f}")
+                raise SlideError(f"{seen[f]} and {s} would both be written to {f}; rename one of them or give them separate --out folders")
             seen[f] = s
     return paths
 

@@ -144,6 +144,7 @@ def summarise(r: SlideResult) -> dict[str, Any]:
     fractions = (np.bincount(np.argmax(tissue_probs, axis=1), minlength=len(names)) / len(tissue_probs)
                  if has_head else None)
     level = slide_level(fractions, o.level_threshold) if fractions is not None else None
+    out_w, out_h, out_mpp = output_geometry(plan, r.slide_size, o.geometry)
     return {
         "slide": str(r.slide),
         "output": str(r.outs.tiff),
@@ -157,8 +158,8 @@ def summarise(r: SlideResult) -> dict[str, Any]:
         "level_downsample": plan.level_downsample,
         "resample_factor": plan.resample,
         "geometry": o.geometry,
-        "output_size": list(output_geometry(plan, r.slide_size, o.geometry)[:2]),
-        "output_mpp": output_geometry(plan, r.slide_size, o.geometry)[2],
+        "output_size": [out_w, out_h],
+        "output_mpp": out_mpp,
         "model_size": [plan.width, plan.height],
         "pyramid": {k: v for k, v in r.pyramid.items() if k != "provenance"},
         # what the TIFF itself records of how it was made (.provenance): the same record, here too
