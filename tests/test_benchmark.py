@@ -280,6 +280,106 @@ def test_comparator_arch_trains_its_own_architecture(
     assert json.loads((out / "classifiers" / "evaluator.benchmark.json").read_text())["settings"]["arch"] == "tiny"
 
 
+@pytest.fixture
+def two_threads():
+    """torch on two threads for the test (the suite runs on one), as the parallel evaluator needs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_parallel_evaluator_trains_beside_the_generator(
+    real_run: tuple[Path, dict], synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, two_threads: None
+) -> None:
+    # The real run again without its evaluator and its pix2pix run: the evaluator is trained in a second
+    # process while pix2pix trains on the thread it leaves; the derestainer run is evaluated again, not retrained.
+    import torch
+    from safetensors import safe_open
+
+    from derestainer.benchmark.spec import run_dir
+
+    out = tmp_path / "bench"
+    shutil.copytree(real_run[0], out)
+    for f in (out / "classifiers").glob("evaluator.*"):
+        f.unlink()
+    spec = _spec(synth, out, models=("pix2pix", "derestainer"), parallel_evaluator=True)
+    shutil.rmtree(run_dir(spec, "pix2pix", 0))
+    threads: list[int] = []
+    real = stages.train_generator
+
+    def counting(cfg, folder, log):
+        threads.append(torch.get_num_threads())
+        return real(cfg, folder, log)
+
+    monkeypatch.setattr(stages, "train_generator", counting)
+    logs: list[str] = []
+    res = bm.run_benchmark(spec, log=logs.append)
+    assert threads == [1] and torch.get_num_threads() == 2  # pix2pix only, on the thread left; restored after
+    assert any("second process (1 of 2 threads)" in m for m in logs)
+    assert any("trained beside the generator" in m for m in logs)
+    assert "[derestainer seed 0] trained before; evaluating again (the evaluator changed)" in logs
+    assert {r["model"] for r in res["runs"] if "ssim" in r["metrics"] and "top1" in r["metrics"]} >= {"pix2pix", "derestainer"}
+    # the second process trains the very classifier this one would on one thread
+    torch.set_num_threads(1)
+    stages.train_classifier(synth, tmp_path / "here.safetensors", arch="tiny", steps=8, size=32, seed=1001,
+                            subset="even", device="cpu", log=lambda _: None)
+    torch.set_num_threads(2)
+    here, there = safe_open(tmp_path / "here.safetensors", "pt"), safe_open(res["classifiers"]["evaluator"]["path"], "pt")
+    assert sorted(here.keys()) == sorted(there.keys())
+    assert all(torch.equal(here.get_tensor(k), there.get_tensor(k)) for k in sorted(here.keys()))
+    # a rerun finds the evaluator: no second process
+    logs.clear()
+    _forbid(monkeypatch, "train_generator", "translate_split", "evaluate_predictions", "train_classifier")
+    bm.run_benchmark(spec, log=logs.append)
+    assert not any("second process" in m for m in logs) and any(m.startswith("evaluator: reusing") for m in logs)
+
+
+def test_parallel_evaluator_failures_reach_the_benchmark(synth: Path, tmp_path: Path, two_threads: None) -> None:
+    import torch
+
+    from derestainer.benchmark.classifiers import start_classifiers
+
+    bad = _spec(synth, tmp_path / "a", classifier_arch="bogus")
+    with start_classifiers(bad, False, "data", lambda m: None, parallel=True) as found:
+        with found.sharing_cores():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="unknown classifier architecture 'bogus'"):  # the child's error
+            found.evaluator()
+    long = _spec(synth, tmp_path / "b", classifier_steps=10**6)
+    with start_classifiers(long, False, "data", lambda m: None, parallel=True) as found:
+        found._pending._process.kill()  # dies without a result
+        with pytest.raises(bm.BenchmarkError, match="ended without a result"):
+            found.evaluator()
+    with pytest.raises(KeyboardInterrupt), start_classifiers(long, False, "data", lambda m: None, parallel=True) as found:
+        child = found._pending._process
+        raise KeyboardInterrupt  # an interrupted benchmark stops its evaluator's training
+    assert child.exitcode is not None and not (tmp_path / "b" / "classifiers" / "evaluator.safetensors").exists()
+
+
+def test_parallel_evaluator_needs_two_threads(synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from derestainer.benchmark.classifiers import start_classifiers
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    trained: list[str] = []
+
+    def fake(data, path, **kw):
+        trained.append(Path(path).stem)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(Path(path).stem.encode())
+        return {}
+
+    monkeypatch.setattr(stages, "train_classifier", fake)
+    with start_classifiers(_spec(synth, tmp_path, parallel_evaluator=True), True, "data", lambda m: None,
+                           parallel=True) as found:
+        assert found._pending is None and trained == ["evaluator", "comparator"]
+
+
 def test_runs_recorded_before_an_option_existed_are_kept(
     real_run: tuple[Path, dict], synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

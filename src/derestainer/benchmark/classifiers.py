@@ -1,21 +1,32 @@
 """The benchmark's two HER2 classifiers: the comparator (``L_cmp`` in training) and the evaluator (metrics).
 
 Given as checkpoints, or trained here once, with different seeds and disjoint halves of the training
-images (even / odd index), and reused on reruns with the same settings and data.
+images (even / odd index), and reused on reruns with the same settings and data. With
+``BenchmarkSpec.parallel_evaluator`` the evaluator, which no training needs, is trained in a second
+process beside the first generator training, the cores split between them (:class:`Classifiers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from derestainer.benchmark import stages
 from derestainer.benchmark.records import file_digest
 from derestainer.benchmark.spec import BenchmarkSpec, model_config
+from derestainer.core.device import torch_threads
 from derestainer.core.errors import BenchmarkError, CheckpointError
 from derestainer.core.io import jsonable, write_json
+from derestainer.evaluation.pool import watch_parent
 from derestainer.models.classifier import read_classifier_meta
 
 #: How classifiers trained by the benchmark differ: seeds and disjoint halves of the training images.
@@ -30,21 +41,147 @@ def ensure_classifiers(
 ) -> dict[str, dict[str, Any]]:
     """Given checkpoints, or classifiers trained here once (reused on reruns with the same settings
     and data, ``data_id`` = :func:`~derestainer.benchmark.records.data_digest`): ``{role: info}``."""
-    out: dict[str, dict[str, Any]] = {}
+    with start_classifiers(spec, need_comparator, data_id, log, parallel=False) as found:
+        return found.all()
+
+
+class Classifiers:
+    """The benchmark's classifiers: the comparator (and a given or reusable evaluator) at once; an
+    evaluator being trained in a second process once :meth:`evaluator` has waited for it.
+
+    While that training runs, :meth:`sharing_cores` gives this process the cores it left
+    (:data:`torch.get_num_threads` minus the evaluator's)."""
+
+    def __init__(self, ready: dict[str, dict[str, Any]], log: Callable[[str], None],
+                 pending: _Background | None = None, threads_left: int | None = None):
+        self._ready = dict(ready)
+        self._log = log
+        self._pending = pending
+        self._threads_left = threads_left
+
+    @property
+    def comparator(self) -> dict[str, Any] | None:
+        return self._ready.get("comparator")
+
+    def evaluator(self) -> dict[str, Any]:
+        """The evaluator's ``info``, waiting for its training when it runs in the second process."""
+        if "evaluator" not in self._ready:
+            if self._pending is None:
+                raise RuntimeError("no evaluator was found or started")
+            info, messages = self._pending.get()  # re-raises the training's error here
+            for m in messages:
+                self._log(m)
+            self._ready["evaluator"] = info
+            self._pending = None
+            _check_distinct(self._ready)
+        return self._ready["evaluator"]
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        """``{role: info}`` for every classifier (waits for the evaluator)."""
+        self.evaluator()
+        return dict(self._ready)
+
+    @contextlib.contextmanager
+    def sharing_cores(self) -> Iterator[None]:
+        """Work in this block runs on the threads the evaluator's training leaves, while it trains."""
+        with torch_threads(self._threads_left if self._pending is not None else None):
+            yield
+
+
+@contextlib.contextmanager
+def start_classifiers(
+    spec: BenchmarkSpec, need_comparator: bool, data_id: str, log: Callable[[str], None], parallel: bool,
+) -> Iterator[Classifiers]:
+    """:class:`Classifiers` for the block: given, reused, or trained (the comparator here; the
+    evaluator here or, with ``parallel`` and at least two threads, in a second process that is
+    stopped when the block ends early)."""
+    ready: dict[str, dict[str, Any]] = {}
     for role, given in (("evaluator", spec.evaluator), ("comparator", spec.comparator)):
-        if role == "comparator" and not need_comparator:
-            continue
-        if given is not None:
-            p = Path(given)
-            if not p.is_file():
-                raise BenchmarkError(f"--{role} {p}: no such file")
-            try:  # checked before anything is trained: a generator given here is refused at once
-                read_classifier_meta(p)
-            except CheckpointError as exc:
-                raise BenchmarkError(f"--{role} {exc}") from None
-            out[role] = {"path": str(p), "trained_by_benchmark": False, "digest": file_digest(p)}
-        else:
-            out[role] = _trained_here(spec, role, data_id, log)
+        if given is not None and (role == "evaluator" or need_comparator):
+            ready[role] = _given(role, Path(given))
+    threads = torch.get_num_threads()
+    background = parallel and "evaluator" not in ready and threads >= 2 and _reusable(spec, "evaluator", data_id) is None
+    if not background and "evaluator" not in ready:
+        ready["evaluator"] = _trained_here(spec, "evaluator", data_id, log)
+    if need_comparator and "comparator" not in ready:
+        ready["comparator"] = _trained_here(spec, "comparator", data_id, log)
+    if not background:
+        _check_distinct(ready)
+        yield Classifiers(ready, log)
+        return
+    mine = max(1, threads // 4)
+    log(f"evaluator: training in a second process ({mine} of {threads} threads) beside the generator")
+    pending = _Background(spec, "evaluator", data_id, mine)
+    try:
+        yield Classifiers(ready, log, pending, threads_left=threads - mine)
+    finally:
+        pending.stop()  # nothing left to stop once the evaluator is in; else a failed benchmark stops it
+
+
+class _Background:
+    """:func:`_trained_here` in a spawned process (a fork of a process running torch's thread pools
+    can hang), its result sent back through a pipe."""
+
+    def __init__(self, spec: BenchmarkSpec, role: str, data_id: str, threads: int):
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_end = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=_train_quietly, args=(child_end, os.getpid(), spec, role, data_id, threads),
+                                    name=f"derestainer-{role}", daemon=True)
+        self._process.start()
+        child_end.close()
+
+    def get(self) -> tuple[dict[str, Any], list[str]]:
+        """``(info, log lines)`` once the training ends; its error is raised here."""
+        try:
+            ok, value = self._conn.recv()
+        except EOFError:
+            self._process.join()
+            raise BenchmarkError(f"the evaluator's training process ended without a result "
+                                 f"(exit status {self._process.exitcode})") from None
+        self._process.join()
+        if not ok:
+            raise value
+        return value
+
+    def stop(self) -> None:
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
+        self._conn.close()
+
+
+def _train_quietly(conn: Connection, parent: int, spec: BenchmarkSpec, role: str, data_id: str, threads: int) -> None:
+    """In the second process: :func:`_trained_here` on ``threads`` threads; sends ``(True, (info, log
+    lines))``, or ``(False, error)``. Ctrl-C is left to the benchmark, which stops this process; it
+    exits by itself when the benchmark's process dies."""
+    watch_parent(parent, deathsig=True)
+    torch.set_num_threads(threads)
+    t0 = time.monotonic()
+    messages: list[str] = []
+    try:
+        info = _trained_here(spec, role, data_id, messages.append)
+        messages.append(f"{role}: trained beside the generator in {time.monotonic() - t0:.0f} s")
+        conn.send((True, (info, messages)))
+    except Exception as exc:  # sent to the benchmark, which raises it where it waits for the evaluator
+        try:
+            conn.send((False, exc))
+        except Exception:  # an error that cannot be pickled: its message
+            conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+    finally:
+        conn.close()
+
+
+def _given(role: str, p: Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise BenchmarkError(f"--{role} {p}: no such file")
+    try:  # checked before anything is trained: a generator given here is refused at once
+        read_classifier_meta(p)
+    except CheckpointError as exc:
+        raise BenchmarkError(f"--{role} {exc}") from None
+    return {"path": str(p), "trained_by_benchmark": False, "digest": file_digest(p)}
+
+
+def _check_distinct(out: dict[str, dict[str, Any]]) -> None:
     if "evaluator" in out and "comparator" in out and out["evaluator"]["digest"] == out["comparator"]["digest"]:
         raise BenchmarkError(
             f"the evaluator {out['evaluator']['path']} and the comparator {out['comparator']['path']} are the same "
@@ -52,24 +189,37 @@ def ensure_classifiers(
             "the generator was trained to please. Use an evaluator trained with another seed and/or another subset "
             "of the training images"
         )
-    return out
+
+
+def _plan(spec: BenchmarkSpec, role: str) -> tuple[Path, dict[str, Any]]:
+    """Where the benchmark keeps the classifier of ``role``, and the settings it is trained with."""
+    size = spec.classifier_size or spec.size or model_config("derestainer", spec.base_config).data.size
+    arch = (spec.comparator_arch or spec.classifier_arch) if role == "comparator" else spec.classifier_arch
+    return spec.out / "classifiers" / f"{role}.safetensors", {"arch": arch, "steps": spec.classifier_steps,
+                                                              "size": size, **CLASSIFIER_PLAN[role]}
+
+
+def _reusable(spec: BenchmarkSpec, role: str, data_id: str) -> dict[str, Any] | None:
+    """The ``info`` of the classifier of ``role`` trained before with today's settings and data, or None."""
+    p, settings = _plan(spec, role)
+    info_path = p.with_name(f"{role}.benchmark.json")
+    if p.is_file() and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("settings") == settings and info.get("data") == data_id:
+            return {**info, "path": str(p), "digest": file_digest(p)}
+    return None
 
 
 def _trained_here(spec: BenchmarkSpec, role: str, data_id: str, log: Callable[[str], None]) -> dict[str, Any]:
     """The classifier of ``role`` trained by the benchmark: reused when its settings and data match."""
-    plan = CLASSIFIER_PLAN[role]
-    size = spec.classifier_size or spec.size or model_config("derestainer", spec.base_config).data.size
-    p = spec.out / "classifiers" / f"{role}.safetensors"
+    p, settings = _plan(spec, role)
     info_path = p.with_name(f"{role}.benchmark.json")
-    arch = (spec.comparator_arch or spec.classifier_arch) if role == "comparator" else spec.classifier_arch
-    settings = {"arch": arch, "steps": spec.classifier_steps, "size": size, **plan}
-    if p.is_file() and info_path.is_file():
-        info = json.loads(info_path.read_text())
-        if info.get("settings") == settings and info.get("data") == data_id:
-            log(f"{role}: reusing {p}")
-            return {**info, "path": str(p), "digest": file_digest(p)}
-    log(f"{role}: training a {arch} HER2 classifier ({spec.classifier_steps} steps, "
-        f"{size} px, seed {plan['seed']}, {plan['subset']} training images)")
+    found = _reusable(spec, role, data_id)
+    if found is not None:
+        log(f"{role}: reusing {p}")
+        return found
+    log(f"{role}: training a {settings['arch']} HER2 classifier ({spec.classifier_steps} steps, "
+        f"{settings['size']} px, seed {settings['seed']}, {settings['subset']} training images)")
     metrics = stages.train_classifier(spec.data, p, device=spec.device, log=log, **settings)
     info = {"trained_by_benchmark": True, "settings": settings, "data": data_id, "metrics": jsonable(metrics)}
     write_json(info_path, info)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from derestainer.benchmark import stages
-from derestainer.benchmark.classifiers import ensure_classifiers
+from derestainer.benchmark.classifiers import Classifiers, start_classifiers
 from derestainer.benchmark.figure import make_figure
 from derestainer.benchmark.records import (
     EVAL_PROTOCOL,
@@ -50,8 +50,8 @@ Log = Callable[[str], None]
 
 
 def run_one(
-    spec: BenchmarkSpec, model: str, seed: int, dirs: dict[str, Path], classifiers: dict[str, dict[str, Any]],
-    log: Log, data_id: str | None = None,
+    spec: BenchmarkSpec, model: str, seed: int, dirs: dict[str, Path],
+    classifiers: Classifiers | dict[str, dict[str, Any]], log: Log, data_id: str | None = None,
 ) -> dict[str, Any]:
     """Train, translate and evaluate one (model, seed), or return its finished record (resumable).
 
@@ -59,17 +59,24 @@ def run_one(
     matches; when only the evaluator changed, or the evaluation failed after training, the saved
     generator is evaluated again without retraining (and without translating again when ``pred/``
     already holds every test image from that generator). A record made with another config is an
-    error (use another ``--out`` or delete the run folder). ``data_id``:
+    error (use another ``--out`` or delete the run folder). ``classifiers``: ``{role: info}`` or
+    :class:`~derestainer.benchmark.classifiers.Classifiers` (an evaluator still training is waited for
+    once the generator is trained and its test split translated). ``data_id``:
     :func:`~derestainer.benchmark.records.data_digest` of ``dirs`` when the caller has it already
     (computed here otherwise).
     """
+    found = classifiers if isinstance(classifiers, Classifiers) else Classifiers(classifiers, log)
     folder = run_dir(spec, model, seed)
-    comparator = Path(classifiers["comparator"]["path"]) if "comparator" in classifiers else None
+    comparator = Path(found.comparator["path"]) if found.comparator else None
     cfg = run_config(spec, model, seed, folder, comparator)
     cfg_d = to_dict(cfg)
-    comparator_digest = classifiers["comparator"]["digest"] if cfg.train.comparator else None
+    comparator_digest = _comparator_digest(found, cfg)
     data_id = data_id if data_id is not None else data_digest(dirs)
-    train_fp, eval_fp = run_fingerprints(cfg_d, comparator_digest, classifiers["evaluator"]["digest"], data_id)
+    train_fp = run_fingerprints(cfg_d, comparator_digest, "", data_id)[0]
+
+    def eval_fp() -> str:
+        return run_fingerprints(cfg_d, comparator_digest, found.evaluator()["digest"], data_id)[1]
+
     tag = f"[{model} seed {seed}]"
     marker = folder / MARKER
 
@@ -81,29 +88,31 @@ def run_one(
         if record.get("train_fingerprint") != train_fp and adopt(record.get("config"), record.get("train_fingerprint")):
             record = _adopt(folder, record, train_fp, tag, log)
         _check_fresh(record, train_fp, folder)
-        if record.get("eval_fingerprint") == eval_fp:
+        if record.get("eval_fingerprint") == eval_fp():
             log(f"{tag} done before: skipped")
             return {**record, "skipped": True}
         log(f"{tag} trained before; evaluating again (the evaluator changed)")
-    gen_path, train_s, reused = _trained_generator(cfg, folder, train_fp, tag, log, adopt)
-    t1 = time.time()
-    pred_dir = folder / "pred"
-    # Outputs are written atomically, so a present file is a whole image from this (unchanged) generator.
-    if reused and pred_complete(dirs["he_test"], pred_dir):
-        log(f"{tag} {pred_dir} holds every test image: not translating again")
-    else:
-        log(f"{tag} translating {dirs['he_test']}")
-        stages.translate_split(gen_path, dirs["he_test"], pred_dir, cfg.train.batch_size, spec.device, log)
+    with found.sharing_cores():
+        gen_path, train_s, reused = _trained_generator(cfg, folder, train_fp, tag, log, adopt)
+        t1 = time.time()
+        pred_dir = folder / "pred"
+        # Outputs are written atomically, so a present file is a whole image from this (unchanged) generator.
+        if reused and pred_complete(dirs["he_test"], pred_dir):
+            log(f"{tag} {pred_dir} holds every test image: not translating again")
+        else:
+            log(f"{tag} translating {dirs['he_test']}")
+            stages.translate_split(gen_path, dirs["he_test"], pred_dir, cfg.train.batch_size, spec.device, log)
+    evaluator = Path(found.evaluator()["path"])
     log(f"{tag} evaluating")
     metrics, vectors = stages.evaluate_predictions(
-        pred_dir, dirs["ihc_test"], Path(classifiers["evaluator"]["path"]), folder / "eval", spec.device,
+        pred_dir, dirs["ihc_test"], evaluator, folder / "eval", spec.device,
         spec.eval_workers, log, comparator=comparator if cfg.train.comparator else None, bootstrap=spec.bootstrap)
     record = {
         "model": model,
         "seed": seed,
         "generator": cfg.model.name,
         "train_fingerprint": train_fp,
-        "eval_fingerprint": eval_fp,
+        "eval_fingerprint": eval_fp(),
         "train_seconds": round(train_s, 1),
         "eval_seconds": round(time.time() - t1, 1),
         "generator_params": generator_params(gen_path),
@@ -115,6 +124,15 @@ def run_one(
     }
     write_json(marker, record)  # written last, atomically: its presence means the run is complete
     return {**record, "skipped": False}
+
+
+def _comparator_digest(found: Classifiers, cfg: Config) -> str | None:
+    """The digest of the comparator ``cfg`` trains against (None when it uses none)."""
+    if not cfg.train.comparator:
+        return None
+    if found.comparator is None:
+        raise RuntimeError("a model with L_cmp is run without a comparator")
+    return str(found.comparator["digest"])
 
 
 def _summary_config(folder: Path) -> Any:
@@ -268,9 +286,10 @@ def run_benchmark(spec: BenchmarkSpec, log: Log = print) -> dict[str, Any]:
 
 def _run_all(spec: BenchmarkSpec, dirs: Any, cfgs: dict[str, Config], log: Log) -> dict[str, Any]:
     data_id = data_digest(dirs)
-    classifiers = ensure_classifiers(spec, any(needs_comparator(c) for c in cfgs.values()), data_id, log)
-
-    runs = [run_one(spec, m, s, dirs, classifiers, log, data_id=data_id) for m in spec.models for s in spec.seeds]
+    need_comparator = any(needs_comparator(c) for c in cfgs.values())
+    with start_classifiers(spec, need_comparator, data_id, log, parallel=spec.parallel_evaluator) as found:
+        runs = [run_one(spec, m, s, dirs, found, log, data_id=data_id) for m in spec.models for s in spec.seeds]
+        classifiers = found.all()
     floors = [floor_name(k) for k in FLOOR_KINDS] if spec.floors else []
     runs += [run_floor(spec, k, dirs, classifiers, log, data_id) for k in FLOOR_KINDS if spec.floors]
     rows = [*spec.models, *floors]

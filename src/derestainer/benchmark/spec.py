@@ -50,6 +50,11 @@ class BenchmarkSpec:
             benchmarked, else the first model).
         floors: also score the floor rows (no training: :data:`derestainer.evaluation.floors.FLOOR_KINDS`).
         bootstrap: resamples for the intervals and paired differences.
+        parallel_evaluator: train an evaluator that must be trained in a second process, beside the
+            first generator training, with a quarter of the threads (at least one; off below two): on
+            CPU a small generator gains little from its second core (docs/benchmarks.md, "How the
+            demo's recipe was chosen"). The classifier files are the same kind either way; the numbers
+            can differ in the last digits, as between machines.
     """
 
     data: Path
@@ -72,6 +77,7 @@ class BenchmarkSpec:
     reference: str | None = None
     floors: bool = True
     bootstrap: int = 2000
+    parallel_evaluator: bool = False
 
     @property
     def reference_model(self) -> str:

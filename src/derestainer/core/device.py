@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -48,3 +50,19 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int | None =
     elif dev.type == "mps" and not mps_available():
         raise DeviceError(f"device {spec!r} was asked for, but Apple MPS is not available")
     return dev
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the duration of the block, then the number before (None: as is).
+
+    It sets the calling thread's pool: call it from the thread that runs the work."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

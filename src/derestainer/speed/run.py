@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from derestainer.core.config import to_dict
-from derestainer.core.device import resolve_device
+from derestainer.core.device import resolve_device, torch_threads
 from derestainer.speed.infer import bench_infer
 from derestainer.speed.spec import SCHEMA, BenchSpec, check_spec, resolve_config
 from derestainer.speed.timing import summarize
@@ -33,19 +32,6 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{name} ({os.cpu_count()} CPUs)"
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _loadavg() -> float | None:
@@ -100,7 +86,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] | None = None, command
     cfg = resolve_config(spec)
     device = resolve_device(spec.device)
     load_before = _loadavg()
-    with _threads(spec.threads):
+    with torch_threads(spec.threads):
         torch.manual_seed(spec.seed)
         if spec.mode == "infer":
             body = bench_infer(spec, cfg, device)
