@@ -341,13 +341,18 @@ def test_parallel_evaluator_failures_reach_the_benchmark(synth: Path, tmp_path: 
     import torch
 
     from derestainer.benchmark.classifiers import start_classifiers
+    from derestainer.core.errors import ImageReadError
 
-    bad = _spec(synth, tmp_path / "a", classifier_arch="bogus")
+    data = tmp_path / "data"  # every training IHC truncated: the second process cannot read them
+    shutil.copytree(synth, data)
+    for f in (data / "IHC" / "train").iterdir():
+        f.write_bytes(f.read_bytes()[:40])
+    bad = _spec(data, tmp_path / "a")
     with start_classifiers(bad, False, "data", lambda m: None, parallel=True) as found:
         with found.sharing_cores():
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
-        with pytest.raises(ValueError, match="unknown classifier architecture 'bogus'"):  # the child's error
+        with pytest.raises(ImageReadError, match=r"IHC/train/\S+\.png"):  # the user's error, raised here as itself
             found.evaluator()
     long = _spec(synth, tmp_path / "b", classifier_steps=10**6)
     with start_classifiers(long, False, "data", lambda m: None, parallel=True) as found:
@@ -357,7 +362,7 @@ def test_parallel_evaluator_failures_reach_the_benchmark(synth: Path, tmp_path: 
     with pytest.raises(KeyboardInterrupt), start_classifiers(long, False, "data", lambda m: None, parallel=True) as found:
         child = found._pending._process
         raise KeyboardInterrupt  # an interrupted benchmark stops its evaluator's training
-    assert child.exitcode is not None and not (tmp_path / "b" / "classifiers" / "evaluator.safetensors").exists()
+    assert child.returncode is not None and not (tmp_path / "b" / "classifiers" / "evaluator.safetensors").exists()
 
 
 def test_parallel_evaluator_needs_two_threads(synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import os
-import time
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,10 @@ import torch
 from derestainer.benchmark import stages
 from derestainer.benchmark.records import file_digest
 from derestainer.benchmark.spec import BenchmarkSpec, model_config
+from derestainer.core import errors
 from derestainer.core.device import torch_threads
 from derestainer.core.errors import BenchmarkError, CheckpointError
 from derestainer.core.io import jsonable, write_json
-from derestainer.evaluation.pool import watch_parent
 from derestainer.models.classifier import read_classifier_meta
 
 #: How classifiers trained by the benchmark differ: seeds and disjoint halves of the training images.
@@ -119,56 +118,46 @@ def start_classifiers(
 
 
 class _Background:
-    """:func:`_trained_here` in a spawned process (a fork of a process running torch's thread pools
-    can hang), its result sent back through a pipe."""
+    """The training of one planned classifier (:func:`train_planned`) in a second Python process,
+    ``python -m derestainer.benchmark.worker``: a JSON job on its stdin, a JSON result on its stdout.
+
+    A plain subprocess: multiprocessing's spawn would import the caller's main script again (a user's
+    script without an ``if __name__ == "__main__":`` guard would run twice), and a fork of a process
+    running torch's thread pools can hang."""
 
     def __init__(self, spec: BenchmarkSpec, role: str, data_id: str, threads: int):
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child_end = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_train_quietly, args=(child_end, os.getpid(), spec, role, data_id, threads),
-                                    name=f"derestainer-{role}", daemon=True)
-        self._process.start()
-        child_end.close()
+        p, settings = _plan(spec, role)
+        job = {"role": role, "data": str(spec.data), "path": str(p), "settings": settings, "device": spec.device,
+               "data_id": data_id, "threads": threads, "parent": os.getpid()}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self._process = subprocess.Popen([sys.executable, "-m", "derestainer.benchmark.worker"], env=env,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._process.stdin is not None
+        self._process.stdin.write(json.dumps(job))
+        self._process.stdin.close()
 
     def get(self) -> tuple[dict[str, Any], list[str]]:
         """``(info, log lines)`` once the training ends; its error is raised here."""
+        assert self._process.stdout is not None
+        out = self._process.stdout.read()
+        code = self._process.wait()
         try:
-            ok, value = self._conn.recv()
-        except EOFError:
-            self._process.join()
-            raise BenchmarkError(f"the evaluator's training process ended without a result "
-                                 f"(exit status {self._process.exitcode})") from None
-        self._process.join()
-        if not ok:
-            raise value
-        return value
+            result = json.loads(out)
+        except ValueError:
+            raise BenchmarkError(f"the evaluator's training process ended without a result (exit status {code}; "
+                                 "its error, if any, is printed above)") from None
+        if not result["ok"]:  # a user's mistake, raised here as the class it was raised as there
+            cls = getattr(errors, str(result["error"]), None)
+            raise (cls if isinstance(cls, type) and issubclass(cls, errors.DerestainerError) else BenchmarkError)(
+                result["message"])
+        return result["info"], result["log"]
 
     def stop(self) -> None:
-        if self._process.is_alive():
+        if self._process.poll() is None:
             self._process.terminate()
-        self._process.join()
-        self._conn.close()
-
-
-def _train_quietly(conn: Connection, parent: int, spec: BenchmarkSpec, role: str, data_id: str, threads: int) -> None:
-    """In the second process: :func:`_trained_here` on ``threads`` threads; sends ``(True, (info, log
-    lines))``, or ``(False, error)``. Ctrl-C is left to the benchmark, which stops this process; it
-    exits by itself when the benchmark's process dies."""
-    watch_parent(parent, deathsig=True)
-    torch.set_num_threads(threads)
-    t0 = time.monotonic()
-    messages: list[str] = []
-    try:
-        info = _trained_here(spec, role, data_id, messages.append)
-        messages.append(f"{role}: trained beside the generator in {time.monotonic() - t0:.0f} s")
-        conn.send((True, (info, messages)))
-    except Exception as exc:  # sent to the benchmark, which raises it where it waits for the evaluator
-        try:
-            conn.send((False, exc))
-        except Exception:  # an error that cannot be pickled: its message
-            conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
-    finally:
-        conn.close()
+        self._process.wait()
+        if self._process.stdout is not None:
+            self._process.stdout.close()
 
 
 def _given(role: str, p: Path) -> dict[str, Any]:
@@ -212,15 +201,21 @@ def _reusable(spec: BenchmarkSpec, role: str, data_id: str) -> dict[str, Any] | 
 
 def _trained_here(spec: BenchmarkSpec, role: str, data_id: str, log: Callable[[str], None]) -> dict[str, Any]:
     """The classifier of ``role`` trained by the benchmark: reused when its settings and data match."""
-    p, settings = _plan(spec, role)
-    info_path = p.with_name(f"{role}.benchmark.json")
     found = _reusable(spec, role, data_id)
     if found is not None:
-        log(f"{role}: reusing {p}")
+        log(f"{role}: reusing {found['path']}")
         return found
-    log(f"{role}: training a {settings['arch']} HER2 classifier ({spec.classifier_steps} steps, "
+    p, settings = _plan(spec, role)
+    return train_planned(role, Path(spec.data), p, settings, spec.device, data_id, log)
+
+
+def train_planned(role: str, data: Path, p: Path, settings: dict[str, Any], device: str, data_id: str,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """Train the classifier of ``role`` with ``settings`` (:func:`_plan`) into ``p`` and record how
+    (``ROLE.benchmark.json``); return its ``info``."""
+    log(f"{role}: training a {settings['arch']} HER2 classifier ({settings['steps']} steps, "
         f"{settings['size']} px, seed {settings['seed']}, {settings['subset']} training images)")
-    metrics = stages.train_classifier(spec.data, p, device=spec.device, log=log, **settings)
+    metrics = stages.train_classifier(data, p, device=device, log=log, **settings)
     info = {"trained_by_benchmark": True, "settings": settings, "data": data_id, "metrics": jsonable(metrics)}
-    write_json(info_path, info)
+    write_json(p.with_name(f"{role}.benchmark.json"), info)
     return {**info, "path": str(p), "digest": file_digest(p)}
