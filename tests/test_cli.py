@@ -66,3 +66,14 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback() -> None:
         assert res.exit_code == 1 and isinstance(res.exception, KeyError)
     finally:
         main.commands.pop("raise-for-test")
+
+
+def test_train_steps_sets_train_steps(tmp_path) -> None:
+    import yaml
+
+    for extra in ([], ["--set", "train.steps=3"]):  # --steps wins over --set: it is the option named for it
+        res = CliRunner().invoke(main, ["train", "-c", "tiny", "--steps", "7", *extra, "--out", str(tmp_path / "r"), "--dry-run"])
+        assert res.exit_code == 0, res.output
+        assert yaml.safe_load(res.output)["train"]["steps"] == 7
+    res = CliRunner().invoke(main, ["train", "-c", "tiny", "--steps", "0", "--dry-run"])
+    assert res.exit_code == 2 and "--steps" in res.output

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from derestainer.inference import her2_map, slide_outputs
+from derestainer.inference.provenance import NOTE, software
 from derestainer.inference.plan import SlidePlan, TileSelection, plan_slide, read_model_region
 from derestainer.inference.slide_options import SlideOptions
 from derestainer.inference.slide_outputs import SlideOutputs, SlideResult, write_slide_outputs, write_tiles_csv
@@ -234,6 +235,37 @@ def test_probability_map_ome_tiff_reads_back_registered_to_the_slide(tmp_path: P
     assert pixels.get("PhysicalSizeXUnit") == "µm" and pixels.get("Type") == "float"
     assert [c.get("Name") for c in pixels.findall("o:Channel", ns)] == ["p(0)", "p(1+)", "p(2+)", "p(3+)", "expected level"]
     assert xres[0] / xres[1] == pytest.approx(1e4 / 12.0)  # pixels per cm, for readers without OME
+    assert ome.get("Creator") == software() and ome.find("o:StructuredAnnotations", ns) is None  # no record given
+
+
+def test_probability_map_carries_the_slides_provenance_at_its_own_scale(tmp_path: Path) -> None:
+    """The map says what made it and what it is, like the virtual IHC: the slide's record with the map's
+    µm/px and the magnification equivalent to it (40× at 0.25 µm/px → 12 µm/px: 0.8333×)."""
+    plan = _plan(0.25, 1.0, 120, 96, tile=16, overlap=4)
+    record = {"note": NOTE, "virtual_stain": True, "model_sha256": "ab" * 32, "source_slide": "s.svs",
+              "source_slide_mpp": 0.25, "source_objective_power": 40.0, "output_mpp": 1.0, "output_magnification": 10.0}
+    out = tmp_path / "s.her2.ome.tiff"
+    her2_map.write_probability_map(out, plan, _probs(plan), NAMES, name="HER2 probabilities of s.svs", provenance=record)
+    with tifffile.TiffFile(out) as tf:
+        xml = tf.ome_metadata
+        assert {p.tags["Software"].value for p in tf.pages} == {software()}
+        np.testing.assert_array_equal(tf.series[0].asarray(), her2_map.probability_raster(plan, _probs(plan)), strict=True)
+    ome = ET.fromstring(xml)
+    ns = {"o": ome.tag.split("}")[0].strip("{")}
+    assert ome.get("Creator") == software()
+    assert ome.findtext("o:Image/o:Description", namespaces=ns) == NOTE
+    entries = {m.get("K"): m.text for m in ome.findall("o:StructuredAnnotations/o:MapAnnotation/o:Value/o:M", ns)}
+    assert entries["output_mpp"] == "12" and entries["model_sha256"] == "ab" * 32 and entries["note"] == NOTE
+    assert entries["content"].startswith("HER2 level probabilities per tile")
+    assert float(entries["output_magnification"]) == round(40 * 0.25 / 12, 4)
+    (objective,) = ome.findall("o:Instrument/o:Objective", ns)
+    assert float(objective.get("NominalMagnification", "")) == round(40 * 0.25 / 12, 4)
+    assert record["output_mpp"] == 1.0  # the slide's record is not changed
+    pytest.importorskip("xmlschema", reason="xmlschema not installed: OME schema validation skipped")
+    ome_types = pytest.importorskip("ome_types", reason="ome-types not installed: OME schema validation skipped")
+    model = ome_types.from_xml(xml, validate=True)
+    assert [c.name for c in model.images[0].pixels.channels] == ["p(0)", "p(1+)", "p(2+)", "p(3+)", "expected level"]
+    assert [t.ifd for t in model.images[0].pixels.tiff_data_blocks] == [0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,7 +298,7 @@ def test_heatmap_title_names_the_call_and_the_virtual_stain() -> None:
 # Wiring: write_slide_outputs
 
 
-def _result(tmp_path: Path, probs: list) -> SlideResult:
+def _result(tmp_path: Path, probs: list, **options) -> SlideResult:
     plan = _plan(0.5, 1.0, 128, 128)
     g = plan.grid
     run = np.array([[p is not None for p in row] for row in probs]) if probs else np.ones((g.n_rows, g.n_cols), bool)
@@ -274,7 +306,7 @@ def _result(tmp_path: Path, probs: list) -> SlideResult:
                         np.full((g.n_rows, g.n_cols), 0.5), run)
     probs_grid = probs or [[None] * g.n_cols for _ in range(g.n_rows)]
     return SlideResult(tmp_path / "s.svs", SlideOutputs.for_tiff(tmp_path / "s.ome.tiff"), "test", (128, 128),
-                       tmp_path / "m.safetensors", "cpu", NAMES, plan, SlideOptions(tile=32, overlap=8), sel,
+                       tmp_path / "m.safetensors", "cpu", NAMES, plan, SlideOptions(tile=32, overlap=8, **options), sel,
                        probs_grid, {}, resumed=False, computed_tiles=int(run.sum()), model_seconds=0.0, seconds=0.0)
 
 
@@ -291,6 +323,23 @@ def test_write_slide_outputs_writes_the_her2_map_files(tmp_path: Path) -> None:
     write_slide_outputs(_result(tmp_path, []))
     assert not outs.geojson.exists() and not outs.her2_map.exists() and not outs.heatmap.exists()
     assert outs.tiles_csv.is_file() and outs.summary.is_file()
+
+
+def test_map_mpp_sets_the_probability_maps_cell(tmp_path: Path) -> None:
+    from derestainer.core.errors import SlideError
+
+    probs = _probs(_plan(0.5, 1.0, 128, 128))  # model 1 µm/px, 64 × 64 model px, stride 24
+    for map_mpp, step in ((None, 24), (8.0, 8), (7.4, 7), (0.2, 1)):  # rounded to whole model pixels, at least one
+        r = _result(tmp_path, probs, map_mpp=map_mpp)
+        write_slide_outputs(r)
+        with tifffile.TiffFile(r.outs.her2_map) as tf:
+            data = tf.series[0].asarray()
+            ome = ET.fromstring(tf.ome_metadata)
+        np.testing.assert_array_equal(data, her2_map.probability_raster(r.plan, probs, step=step), strict=True)
+        pixels = ome.find(".//{*}Pixels")
+        assert pixels is not None and float(pixels.get("PhysicalSizeX", "")) == step * 1.0
+    with pytest.raises(SlideError, match="--map-mpp must be positive"):
+        SlideOptions(map_mpp=0.0).map_step(1.0)
 
 
 def test_write_heatmap_passes_the_call_and_data_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

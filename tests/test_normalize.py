@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from scipy import ndimage as ndi
 from skimage.color import lab2rgb, rgb2lab
 
@@ -213,16 +214,144 @@ def test_reinhard_matches_the_target_lab_statistics() -> None:
 
 
 def test_reinhard_without_recorded_statistics_is_refused_in_one_line(tmp_path: Path) -> None:
-    """(e) No model file records the training data's L*a*b* statistics: one line naming the model file."""
+    """(e) A model file exported without the training data's stain: one line naming the model file and the fix."""
     mf = make_model(tmp_path / "m.safetensors", mpp=0.5)
-    with pytest.raises(SlideError, match="which .*m.safetensors does not record; use macenko"):
+    with pytest.raises(SlideError, match="which .*m.safetensors does not record: export it with --stain-reference"):
         check_normalize("reinhard", load_model(mf, "cpu", fast=False))
     slide = synthetic_slide(tmp_path / "s.tif")
     res = CliRunner().invoke(main, ["translate-slide", "-m", str(mf), str(slide), "--out", str(tmp_path / "o.ome.tiff"),
                                     "--normalize", "reinhard", "--quiet", "--device", "cpu"])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert res.output.strip() == (f"Error: --normalize reinhard needs the training data's colour statistics, which {mf} "
-                                  f"does not record; use macenko")
+                                  f"does not record: export it with --stain-reference TRAINING_HE_FOLDER, or use macenko")
+
+
+# --------------------------------------------------------------------------------------------------
+# The training stain: measured at export, the target of --normalize
+
+
+def training_folder(folder: Path, n: int = 6, size: int = 64) -> tuple[Path, np.ndarray]:
+    """``n`` H&E images rendered with TARGET (glass in each); returns the folder and the true H, E
+    concentrations of their tissue pixels ``[N, 2]``."""
+    folder.mkdir(parents=True)
+    true = []
+    for k in range(n):
+        c, tissue = conc_maps(size, seed=100 + k)
+        Image.fromarray(render(c, TARGET)).save(folder / f"{k:05d}_train_1+.png")
+        true.append(c[tissue][:, :2])
+    return folder, np.concatenate(true)
+
+
+def test_stain_reference_measures_the_training_stain(tmp_path: Path) -> None:
+    """The recorded vectors are the stain the images were rendered with, the percentiles those of the
+    true concentrations, the L*a*b* statistics scikit-image's of the tissue pixels kept."""
+    from derestainer.inference.stain_reference import reference_from_files, tissue_pixels
+
+    folder, true = training_folder(tmp_path / "he")
+    files = sorted(folder.iterdir())
+    ref = reference_from_files(files, source="he", size=64, mpp=2.0)
+    assert ref["version"] == 1 and ref["images"] == 6 and ref["mpp"] == 2.0
+    m = ref["macenko"]
+    assert angle(m["h"], TARGET[0]) < 3 and angle(m["e"], TARGET[1]) < 3
+    px = tissue_pixels([read_image(f) for f in files], 2.0)
+    # the percentiles are those of the concentrations under the fitted vectors (what a slide is scaled to);
+    # against the true concentrations they are 16 % (H) and 11 % (E) higher: Macenko's vectors are the
+    # extreme angles of the tissue's OD, a few degrees off the rendering's, and project a little more stain
+    np.testing.assert_allclose(m["percentiles"], stain_percentiles(px, stain_matrix_from_vectors(h=m["h"], e=m["e"])),
+                               rtol=1e-4)
+    np.testing.assert_allclose(m["percentiles"], np.percentile(true, 99, axis=0), rtol=0.2)
+    assert ref["tissue_pixels"] == len(px) > 0.7 * len(true)  # the glass is left out
+    mu, sd = lab_stats(px)
+    np.testing.assert_allclose(ref["lab_mean"], mu, atol=1e-5)
+    np.testing.assert_allclose(ref["lab_std"], sd, atol=1e-5)
+    # images at another size are resized to the training size first, as the loader does
+    big = tmp_path / "big"
+    big.mkdir()
+    for f in files:
+        Image.fromarray(read_image(f)).resize((128, 128), Image.Resampling.NEAREST).save(big / f.name)
+    assert reference_from_files(sorted(big.iterdir()), source="big", size=64, mpp=2.0)["lab_mean"] == pytest.approx(
+        ref["lab_mean"], abs=1.0)
+
+
+def test_export_records_the_training_stain(tmp_path: Path) -> None:
+    from derestainer.core.fileformat import read_meta
+
+    folder, _ = training_folder(tmp_path / "he")
+    mf = make_model(tmp_path / "m.safetensors", mpp=2.0)
+    res = CliRunner().invoke(main, ["export", "-m", str(mf), "--out", str(tmp_path / "e.safetensors"),
+                                    "--stain-reference", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert "training stain from he (6 images)" in res.output
+    ref = read_meta(tmp_path / "e.safetensors")["stain_reference"]
+    assert ref["source"] == "he (6 images)" and angle(ref["macenko"]["e"], TARGET[1]) < 3
+    # re-exported: kept; "none" on a model without one: nothing recorded, and the command says so
+    res = CliRunner().invoke(main, ["export", "-m", str(tmp_path / "e.safetensors"), "--out", str(tmp_path / "f.safetensors"),
+                                    "--stain-reference", "none"])
+    assert res.exit_code == 0 and read_meta(tmp_path / "f.safetensors")["stain_reference"] == ref
+    res = CliRunner().invoke(main, ["export", "-m", str(mf), "--out", str(tmp_path / "g.safetensors")])  # auto: no data here
+    assert res.exit_code == 0 and "no training stain recorded" in res.output
+    assert "stain_reference" not in read_meta(tmp_path / "g.safetensors")
+    res = CliRunner().invoke(main, ["export", "-m", str(mf), "--out", str(tmp_path / "h.safetensors"),
+                                    "--stain-reference", str(tmp_path / "missing")])
+    assert res.exit_code == 1 and "Traceback" not in res.output and not (tmp_path / "h.safetensors").exists()
+    assert res.output.strip() == f"Error: --stain-reference {tmp_path / 'missing'}: no such folder"
+
+
+def test_export_auto_takes_the_configs_training_split(tmp_path: Path) -> None:
+    from derestainer.core.config import replace
+    from derestainer.core.fileformat import read_meta
+    from derestainer.inference.loading import export_model
+
+    root = tmp_path / "BCI"
+    training_folder(root / "HE" / "train")
+    (root / "IHC" / "train").mkdir(parents=True)
+    for f in (root / "HE" / "train").iterdir():
+        (root / "IHC" / "train" / f.name).write_bytes(f.read_bytes())
+    lm = load_model(make_model(tmp_path / "m.safetensors", mpp=2.0), "cpu", fast=False)
+    cfg = replace(load_config("tiny"), model={"name": "_tw_fcn"}, data={"mpp": 2.0, "size": 64, "root": str(root)})
+    src = save_generator(tmp_path / "g.safetensors", lm.model, cfg)
+    meta = export_model(src, tmp_path / "e.safetensors", stain_reference="auto")
+    assert meta["stain_reference"]["source"] == "BCI (training H&E, 6 images)"
+    assert read_meta(tmp_path / "e.safetensors")["stain_reference"]["images"] == 6
+
+
+def model_with_training_stain(tmp_path: Path) -> Path:
+    """make_model's generator (2 µm/px) with the stain reference of TARGET-rendered training images."""
+    from derestainer.inference.loading import export_model
+
+    folder, _ = training_folder(tmp_path / "he_train")
+    export_model(make_model(tmp_path / "m0.safetensors", mpp=2.0), tmp_path / "ref.safetensors", stain_reference=folder)
+    return tmp_path / "ref.safetensors"
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_normalize_targets_the_training_stain(tmp_path: Path, method: str) -> None:
+    """A SOURCE-stained slide normalised to the TARGET training stain recorded at export: Macenko brings
+    its vectors and amounts to the training data's, Reinhard its L*a*b* statistics."""
+    from derestainer.inference.stain_reference import slide_tissue_pixels
+
+    mf = model_with_training_stain(tmp_path)
+    lm = load_model(mf, "cpu", fast=False)
+    ref = lm.meta["stain_reference"]
+    slide = synthetic_slide(tmp_path / "s.tif", h=160, w=192)
+    with open_slide(slide) as r:
+        plan = plan_slide(r, 2.0, tile=32, overlap=8)
+        sel = select_tiles(r, plan)
+        norm = fit_slide_normalizer(method, lm, r, plan, sel, slide)
+        px = slide_tissue_pixels(r, plan, sel)
+    assert norm is not None and norm.record["target"] == f"training data ({ref['source']})"
+    out = norm(px)
+    if method == "reinhard":
+        mu, sd = lab_stats(out)
+        np.testing.assert_allclose(mu, ref["lab_mean"], atol=1.0)
+        np.testing.assert_allclose(sd, ref["lab_std"], rtol=0.05)
+    else:
+        m = macenko_source(out)[0]
+        assert angle(m[0], ref["macenko"]["h"]) < 3 and angle(m[1], ref["macenko"]["e"]) < 3
+        target = stain_matrix_from_vectors(h=ref["macenko"]["h"], e=ref["macenko"]["e"])
+        np.testing.assert_allclose(stain_percentiles(out, target), ref["macenko"]["percentiles"], rtol=0.05)
+        assert norm.record["target_percentiles"] == ref["macenko"]["percentiles"]
+        assert angle(macenko_source(px)[0][1], ref["macenko"]["e"]) > 5  # it was another stain before
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,7 +387,8 @@ def test_none_is_bit_identical_and_records_nothing(tmp_path: Path) -> None:
     lm = load_model(mf, "cpu", precision="fp32")
     opts = SlideOptions(tile=32, overlap=8, compression="lossless", all_tiles=True, keep_work=True, **FAST, **FP32)
     with open_slide(slide) as r:
-        assert fit_slide_normalizer("none", lm, select_tiles(r, plan_slide(r, 2.0, tile=32, overlap=8)), slide) is None
+        plan = plan_slide(r, 2.0, tile=32, overlap=8)
+        assert fit_slide_normalizer("none", lm, r, plan, select_tiles(r, plan), slide) is None
     a = translate_slide(lm, slide, tmp_path / "a" / "s.ome.tiff", opts)
     b = translate_slide(lm, slide, tmp_path / "b" / "s.ome.tiff", SlideOptions(**{**opts.__dict__, "normalize": "none"}))
     with tifffile.TiffFile(tmp_path / "a" / "s.ome.tiff") as ta, tifffile.TiffFile(tmp_path / "b" / "s.ome.tiff") as tb:

@@ -83,7 +83,7 @@ def test_a_bad_slide_is_reported_and_the_batch_goes_on(model: Path, batch: Path,
     # one line per failing slide, naming it (and, for the missing µm/px, both options)
     b_line = [ln for ln in lines if ln.startswith("slide 2 of 4: ") and "failed" in ln]
     assert len(b_line) == 1 and str(batch / "b.tif") in b_line[0]
-    assert "--default-mpp" in b_line[0] and "--mpp" in b_line[0]
+    assert "--default-mpp" in b_line[0] and "--slide-mpp X for every slide" in b_line[0]
     c_line = [ln for ln in lines if ln.startswith("slide 3 of 4: ") and "failed" in ln]
     assert len(c_line) == 1 and str(batch / "c.tif") in c_line[0]
     assert any(ln.startswith("slide 4 of 4: ") and "d.ome.tiff" in ln for ln in lines)

@@ -338,6 +338,25 @@ def test_export_round_trip(tmp_path: Path, model_file: Path) -> None:
     res = CliRunner().invoke(main, ["export", "-m", str(run), "--out", str(tmp_path / "e2.safetensors")])
     assert res.exit_code == 0, res.output
     assert read_meta(tmp_path / "e2.safetensors")["mpp"] == pytest.approx(3.68)
+    # --training-mpp is --mpp's name that says which µm/px it is
+    res = CliRunner().invoke(main, ["export", "-m", str(run), "--out", str(tmp_path / "e3.safetensors"), "--training-mpp", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert read_meta(tmp_path / "e3.safetensors")["mpp"] == 0.5
+
+
+def test_translate_out_must_be_a_folder(tmp_path: Path, model_file: Path, rng: np.random.Generator) -> None:
+    img = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(img)
+    res = CliRunner().invoke(main, ["translate", str(img), "-m", str(model_file), "--out", str(tmp_path / "x.png")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip().splitlines() == [f"Error: --out {tmp_path / 'x.png'}: a folder is expected (one PNG per "
+                                               "input is written there, with predictions.csv); give a folder name"]
+    assert not (tmp_path / "x.png").exists()
+    # --input-mpp (alias --mpp): the inputs' µm/px; the same outputs under either name
+    for opt, out in (("--input-mpp", "o1"), ("--mpp", "o2")):
+        res = CliRunner().invoke(main, ["translate", str(img), "-m", str(model_file), "--out", str(tmp_path / out), opt, "1.84"])
+        assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o1" / "a.png")), np.asarray(Image.open(tmp_path / "o2" / "a.png")))
 
 
 def test_wrong_kind_gives_a_clear_error(tmp_path: Path) -> None:

@@ -20,9 +20,11 @@ import click
                    "the checkpoint's run folder.")
 @click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None, metavar="[CKPT]",
               help="Continue the run in --out from its latest checkpoint, or from the checkpoint folder CKPT.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Training steps (sets train.steps; with --resume, the new total).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config as YAML and exit.")
 def train(config: str | None, overrides: tuple[str, ...], data_root: Path | None, out_dir: Path | None,
-          resume: str | None, dry_run: bool) -> None:
+          resume: str | None, steps: int | None, dry_run: bool) -> None:
     """Train a generator with alternating discriminator/generator updates (paper §2.4, §3.1).
 
     The resolved config is written to OUT/config.yaml and into every checkpoint
@@ -59,6 +61,8 @@ def train(config: str | None, overrides: tuple[str, ...], data_root: Path | None
         cfg = replace(cfg, data={"root": str(data_root)})
     if out_dir is not None:
         cfg = replace(cfg, train={"out": str(out_dir)})
+    if steps is not None:
+        cfg = replace(cfg, train={"steps": steps})
     if dry_run:
         click.echo(dump_yaml(cfg), nl=False)
         return

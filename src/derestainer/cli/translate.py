@@ -25,9 +25,9 @@ if TYPE_CHECKING:
 @click.option("--tta", is_flag=True, help="Test-time augmentation: average the 8 flips/rotations (8× slower).")
 @click.option("--recursive/--no-recursive", default=True, show_default=True,
               help="Descend into sub-folders of folder inputs (the folder structure is mirrored).")
-@click.option("--mpp", "input_mpp", type=float, default=None,
-              help="Microns per pixel of the inputs: resize to the model's training resolution and back. "
-                   "Default: inputs are taken to be at the training resolution.")
+@click.option("--input-mpp", "--mpp", "input_mpp", type=float, default=None,
+              help="Microns per pixel of the inputs: resize to the model's training resolution and back "
+                   "(--mpp: the same). Default: inputs are taken to be at the training resolution.")
 @click.option("--output-size", type=click.Choice(["input", "model"]), default="input", show_default=True,
               help="Write each output at its input's size, or at the model's working size (e.g. 512 px for a 1024 px "
                    "BCI tile with --mpp; `evaluate` then resizes it, with the same filter).")
@@ -49,11 +49,14 @@ def translate(inputs: tuple[Path, ...], checkpoint: Path, out_dir: Path, batch_s
     from tqdm.auto import tqdm
 
     from derestainer.core.guard import refuse_overlap
-    from derestainer.core.io import check_images
+    from derestainer.core.io import IMAGE_SUFFIXES, check_images
     from derestainer.inference.folders import PREDICTION_FILES, collect_inputs, translate_files
     from derestainer.inference.loading import load_model
     from derestainer.inference.slide_jobs import refuse_whole_slides
 
+    if out_dir.suffix.lower() in IMAGE_SUFFIXES and not out_dir.is_dir():
+        raise fail(f"--out {out_dir}: a folder is expected (one PNG per input is written there, with "
+                   "predictions.csv); give a folder name")
     try:
         jobs = collect_inputs(inputs, recursive=recursive)
     except (FileNotFoundError, ValueError) as exc:  # a missing input, clashing outputs, no images

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="OUT.ome.tiff (or OUT.tiff) for one slide, or a folder: one SLIDE_NAME.ome.tiff per slide "
                    "(SLIDE_NAME.tiff with --layout openslide) and slides.csv.")
-@click.option("--mpp", "slide_mpp", type=float, default=None,
-              help="Microns per pixel of level 0 for EVERY slide, overriding what the slides' metadata say.")
+@click.option("--slide-mpp", "--mpp", "slide_mpp", type=float, default=None,
+              help="Microns per pixel of level 0 for EVERY slide, overriding what the slides' metadata say "
+                   "(--mpp: the same).")
 @click.option("--default-mpp", "default_mpp", type=float, default=None,
               help="Microns per pixel of level 0 for the slides whose metadata state none (others keep theirs).")
 @click.option("--tile", default=512, show_default=True, type=click.IntRange(min=16), help="Model tile side (px).")
@@ -58,6 +59,9 @@ if TYPE_CHECKING:
               show_default=True, help="Stain normalisation of the H&E before the model, fitted per slide on its "
                                       "thumbnail's tissue: macenko maps the slide's H and E colours to the model's "
                                       "stain matrix; reinhard needs colour statistics no model file records.")
+@click.option("--map-mpp", "map_mpp", type=float, default=None,
+              help="µm per cell of NAME.her2.ome.tiff (default: the tile stride). The model gives one value per "
+                   "tile: a finer map resamples them; a smaller --tile or larger --overlap gives more values.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Tile-reading threads.")
 @click.option("--recursive", is_flag=True, help="Search folder inputs recursively for slides.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -65,8 +69,8 @@ def translate_slide(slides: tuple[Path, ...], checkpoint: Path, out: Path, slide
                     default_mpp: float | None, tile: int, overlap: int, margin: int, batch_size: int,
                     compression: Compression, quality: int, layout: Layout, geometry: Geometry, resume: bool, overwrite: bool,
                     keep_work: bool, all_tiles: bool, min_tissue: float, level_threshold: float, device: str,
-                    precision: Precision, fast: bool, normalize: NormalizeMethod, workers: int, recursive: bool,
-                    quiet: bool) -> None:
+                    precision: Precision, fast: bool, normalize: NormalizeMethod, map_mpp: float | None, workers: int,
+                    recursive: bool, quiet: bool) -> None:
     """Translate SLIDES (files or folders: SVS, NDPI, MRXS, TIFF, OME-TIFF, PNG, …) into virtual IHC.
 
     Output per slide: NAME.ome.tiff (tiled, pyramidal, at the slide's own size and µm/px or, with
@@ -92,7 +96,7 @@ def translate_slide(slides: tuple[Path, ...], checkpoint: Path, out: Path, slide
     from derestainer.inference.slide_options import SlideOptions
     from derestainer.inference.slide_outputs import SlideOutputs
 
-    for name, value in (("--mpp", slide_mpp), ("--default-mpp", default_mpp)):
+    for name, value in (("--slide-mpp/--mpp", slide_mpp), ("--default-mpp", default_mpp), ("--map-mpp", map_mpp)):
         if value is not None and not value > 0:
             raise fail(f"{name} must be positive, got {value}")
     paths = list_slides(slides, recursive=recursive)
@@ -112,7 +116,7 @@ def translate_slide(slides: tuple[Path, ...], checkpoint: Path, out: Path, slide
                         quality=quality, layout=layout, geometry=geometry, slide_mpp=slide_mpp, default_mpp=default_mpp, resume=resume,
                         keep_work=keep_work, all_tiles=all_tiles, min_tissue=min_tissue,
                         level_threshold=level_threshold, precision=precision, progress=not quiet, workers=workers,
-                        normalize=normalize)
+                        normalize=normalize, map_mpp=map_mpp)
     opts.check_tiles(lm.multiple)  # the same for every slide: refused once, before the first
     check_normalize(normalize, lm)  # so is a normalisation the model file gives no target for
     label = f"rank {rank}: " if world > 1 else ""

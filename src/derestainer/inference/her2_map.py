@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,7 @@ import numpy as np
 
 from derestainer.core.io import atomic_path, write_text
 from derestainer.inference.plan import SlidePlan
+from derestainer.inference.provenance import map_provenance, ome_xml, software
 
 #: Level probabilities per tile (``[row][col]``), None where no tile ran (``slide_outputs.ProbsGrid``).
 Probs = Sequence[Sequence[Sequence[float] | None]]
@@ -146,19 +147,23 @@ def map_channel_names(names: Sequence[str]) -> list[str]:
 
 
 def write_probability_map(path: Path, plan: SlidePlan, probs_grid: Probs, names: Sequence[str], *,
-                          step: int | None = None, name: str = "") -> dict[str, Any]:
-    """Write ``NAME.her2.ome.tiff`` atomically (format: module docstring); return its shape, step and µm/px."""
+                          step: int | None = None, name: str = "",
+                          provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``NAME.her2.ome.tiff`` atomically (format: module docstring), its OME-XML by
+    :func:`~.provenance.ome_xml` with ``provenance`` (the slide's record, :func:`~.provenance.map_provenance`);
+    return its shape, step and µm/px."""
     import tifffile  # optional (the wsi extra)
 
     s = map_step(plan, step)
     data = probability_raster(plan, probs_grid, s)
     um = plan.model_mpp * s
-    meta = {"axes": "CYX", "Name": name or "HER2 probability map",
-            "PhysicalSizeX": um, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": um, "PhysicalSizeYUnit": "µm",
-            "Channel": {"Name": map_channel_names(names)}}
-    with atomic_path(path) as tmp:  # the temporary name ends in .tiff only: OME asked for, not guessed
-        tifffile.imwrite(tmp, data, ome=True, photometric="minisblack", compression="zlib", metadata=meta,
-                         resolution=(1e4 / um, 1e4 / um), resolutionunit="CENTIMETER")
+    prov = map_provenance(provenance, um) if provenance else None
+    xml = ome_xml(name or "HER2 probability map", data.shape[2], data.shape[1], um, prov,
+                  channels=map_channel_names(names))
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as tif:  # the temporary name ends in .tiff only
+        for c, plane in enumerate(data):  # one page per channel, the first carrying the OME-XML
+            tif.write(plane, photometric="minisblack", compression="zlib", metadata=None, software=software(),
+                      resolution=(1e4 / um, 1e4 / um), resolutionunit="CENTIMETER", description=xml if c == 0 else None)
     return {"shape": list(data.shape), "step_model_px": s, "mpp": um}
 
 

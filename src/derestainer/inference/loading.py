@@ -25,6 +25,7 @@ from derestainer.core.levels import HER2_LEVELS
 from derestainer.core.runs import resolve_generator_file
 from derestainer.inference.optimize import optimize_for_inference
 from derestainer.inference.precision import Precision
+from derestainer.inference.stain_reference import reference_for_export
 from derestainer.models.files import load_generator, save_generator
 
 
@@ -116,12 +117,17 @@ def load_model(
                        sha256=file_sha256(path))
 
 
-def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *, mpp: float | None = None) -> dict[str, Any]:
+def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *, mpp: float | None = None,
+                 stain_reference: str | os.PathLike[str] = "none") -> dict[str, Any]:
     """Write the generator of a run/checkpoint as one exported model file; return its metadata.
 
     The weights are loaded and checked against the architecture first (a file that does not load
     is never exported). ``mpp`` overrides the training resolution recorded in the config
-    (``data.mpp``). Other metadata (step, epoch) is kept; ``exported_from`` names the source.
+    (``data.mpp``). Other metadata (step, epoch, a stain reference) is kept; ``exported_from`` names
+    the source. ``stain_reference``: a folder of training H&E images, ``"auto"`` (the config's training
+    split, where it is on this machine) or ``"none"``: the training stain recorded for
+    ``--normalize`` (:func:`~.stain_reference.reference_for_export`; ``"stain_reference"`` in the
+    metadata, replacing one the source had).
 
     Raises:
         CheckpointError: no generator there, or the file is another kind of checkpoint.
@@ -134,6 +140,9 @@ def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
         cfg = replace(cfg, data={"mpp": float(mpp)})
     extra = {k: v for k, v in meta.items() if k not in ("kind", "format", "model", "config", "size", "mpp")}
     extra["exported_from"] = "/".join(src.parts[-3:])
+    ref = reference_for_export(cfg, stain_reference)
+    if ref is not None:
+        extra["stain_reference"] = ref
     save_generator(out, model, cfg, extra=extra)
     return read_meta(out)
 

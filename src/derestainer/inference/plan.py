@@ -72,7 +72,7 @@ def plan_slide(
     else:
         raise SlideError(
             f"{reader.path}: the slide does not state its resolution (microns per pixel); "
-            f"pass it with --mpp (e.g. --mpp 0.25 for a 40× scan, 0.5 for 20×)"
+            f"pass it with --slide-mpp (e.g. --slide-mpp 0.25 for a 40× scan, 0.5 for 20×)"
         )
     scale = model_mpp / mpp
     level = 0

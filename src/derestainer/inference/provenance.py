@@ -32,7 +32,7 @@ import json
 import os
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,6 +120,16 @@ def slide_provenance(lm: LoadedModel, slide: str | os.PathLike[str], *, slide_mp
     return record if normalization is None else {**record, "normalization": normalization}
 
 
+def map_provenance(provenance: Mapping[str, Any], map_mpp: float) -> dict[str, Any]:
+    """The record of a slide's HER2 probability map (``NAME.her2.ome.tiff``): the slide's, at the map's
+    µm/px and magnification, and saying what its channels are."""
+    power, slide_mpp = provenance.get("source_objective_power"), provenance.get("source_slide_mpp")
+    return {**provenance, "content": "HER2 level probabilities per tile predicted from H&E, and their expected level",
+            "output_mpp": map_mpp,
+            "output_magnification": (output_magnification(power, slide_mpp, map_mpp)
+                                     if isinstance(slide_mpp, (int, float)) else None)}
+
+
 def map_value(v: Any) -> str:
     """A provenance value as the text of an OME MapAnnotation entry (``unknown`` for None)."""
     if v is None:
@@ -142,8 +152,10 @@ def _num(v: float) -> str:
     return repr(float(v))
 
 
-def ome_xml(name: str, width: int, height: int, mpp: float, provenance: Mapping[str, Any] | None = None) -> bytes:
-    """The OME-XML (2016-06, UTF-8) of one interleaved RGB uint8 image stored in IFD 0 (pyramid in its SubIFDs).
+def ome_xml(name: str, width: int, height: int, mpp: float, provenance: Mapping[str, Any] | None = None, *,
+            channels: Sequence[str] | None = None) -> bytes:
+    """The OME-XML (2016-06, UTF-8) of one image: interleaved RGB uint8 in IFD 0 (pyramid in its SubIFDs),
+    or with ``channels`` one float32 plane per named channel, in IFDs 0, 1, … (a map, not a stain).
 
     With ``provenance``: the Image's Description is :data:`NOTE`, a MapAnnotation holds the record,
     and an Objective carries ``provenance["output_magnification"]`` when it is known.
@@ -163,13 +175,17 @@ def ome_xml(name: str, width: int, height: int, mpp: float, provenance: Mapping[
     if magnification is not None:
         ET.SubElement(image, "InstrumentRef", ID="Instrument:0")
         ET.SubElement(image, "ObjectiveSettings", ID="Objective:0:0")
+    kind = ({"Type": "uint8", "SignificantBits": "8", "Interleaved": "true", "SizeC": "3"} if channels is None else
+            {"Type": "float", "SignificantBits": "32", "Interleaved": "false", "SizeC": str(len(channels))})
     pixels = ET.SubElement(image, "Pixels", {
-        "ID": "Pixels:0", "DimensionOrder": "XYCZT", "Type": "uint8", "SignificantBits": "8",
-        "Interleaved": "true",
-        "SizeX": str(width), "SizeY": str(height), "SizeC": "3", "SizeZ": "1", "SizeT": "1",
+        "ID": "Pixels:0", "DimensionOrder": "XYCZT", **kind,
+        "SizeX": str(width), "SizeY": str(height), "SizeZ": "1", "SizeT": "1",
         "PhysicalSizeX": _num(mpp), "PhysicalSizeXUnit": "µm", "PhysicalSizeY": _num(mpp), "PhysicalSizeYUnit": "µm"})
-    ET.SubElement(pixels, "Channel", ID="Channel:0:0", SamplesPerPixel="3")
-    ET.SubElement(pixels, "TiffData", IFD="0", PlaneCount="1")
+    if channels is None:
+        ET.SubElement(pixels, "Channel", ID="Channel:0:0", SamplesPerPixel="3")
+    for c, channel in enumerate(channels or ()):
+        ET.SubElement(pixels, "Channel", ID=f"Channel:0:{c}", Name=channel, SamplesPerPixel="1")
+    ET.SubElement(pixels, "TiffData", IFD="0", PlaneCount="1" if channels is None else str(len(channels)))
     if prov:
         ET.SubElement(image, "AnnotationRef", ID="Annotation:0")
         ann = ET.SubElement(ET.SubElement(root, "StructuredAnnotations"), "MapAnnotation",
@@ -181,5 +197,5 @@ def ome_xml(name: str, width: int, height: int, mpp: float, provenance: Mapping[
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode").encode("utf-8")
 
 
-__all__ = ["FINGERPRINT_METHOD", "NAMESPACE", "NOTE", "description_json", "map_value", "ome_xml",
+__all__ = ["FINGERPRINT_METHOD", "NAMESPACE", "NOTE", "description_json", "map_provenance", "map_value", "ome_xml",
            "output_magnification", "slide_fingerprint", "slide_provenance", "software", "utc_iso"]

@@ -20,7 +20,8 @@ class SlideOptions:
     (``--mpp``); ``default_mpp``: µm/px only for slides whose metadata state none (``--default-mpp``).
     ``min_tissue``: a tile is run when more than this fraction of
     it is tissue (0 → any tissue). ``level_threshold``: see
-    :func:`~derestainer.inference.slide_outputs.slide_level`.
+    :func:`~derestainer.inference.slide_outputs.slide_level`. ``map_mpp``: the probability map's
+    cell size in µm, rounded to whole model pixels (``--map-mpp``; None: the tile stride).
     """
 
     tile: int = 512
@@ -44,6 +45,7 @@ class SlideOptions:
     progress: bool = True
     workers: int = 2
     normalize: NormalizeMethod = "none"  # stain normalisation of the tiles read (inference.normalize)
+    map_mpp: float | None = None  # µm per cell of NAME.her2.ome.tiff (None: the tile stride's; .her2_map)
 
     def check_tiles(self, multiple: int) -> None:
         """Raises SlideError when ``tile`` is not a multiple of the model's ``multiple`` or ``overlap`` is not in ``[0, tile)``."""
@@ -51,6 +53,14 @@ class SlideOptions:
             raise SlideError(f"--tile {self.tile} must be a multiple of {multiple} for this model")
         if not 0 <= self.overlap < self.tile:
             raise SlideError(f"--overlap must be in [0, tile): got {self.overlap} with tile {self.tile}")
+
+    def map_step(self, model_mpp: float) -> int | None:
+        """The probability map's cell side in model pixels (None: the tile stride)."""
+        if self.map_mpp is None:
+            return None
+        if not self.map_mpp > 0:
+            raise SlideError(f"--map-mpp must be positive, got {self.map_mpp}")
+        return max(1, round(self.map_mpp / model_mpp))
 
     def pyramid(self, name: str, description: str) -> PyramidOptions:
         """The options of the output TIFF."""

@@ -126,7 +126,8 @@ def write_slide_outputs(r: SlideResult) -> dict[str, Any]:
         write_heatmap(outs.heatmap, sel.thumb, sel.mask, r.plan, r.probs_grid, names, title=r.slide.name,
                       call=summary["predicted_level"])
         write_geojson(outs.geojson, r.plan, sel.frac, r.probs_grid, names, slide_size=r.slide_size)
-        write_probability_map(outs.her2_map, r.plan, r.probs_grid, names, name=f"HER2 probabilities of {r.slide.name}")
+        write_probability_map(outs.her2_map, r.plan, r.probs_grid, names, name=f"HER2 probabilities of {r.slide.name}",
+                              step=r.options.map_step(r.plan.model_mpp), provenance=r.pyramid.get("provenance"))
     else:  # a model without a level head: none of these, and none of an earlier run left beside the new TIFF
         for p in (outs.heatmap, outs.geojson, outs.her2_map):
             p.unlink(missing_ok=True)

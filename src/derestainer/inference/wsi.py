@@ -65,7 +65,7 @@ def translate_slide(lm: LoadedModel, slide: str | os.PathLike[str], out: str | o
         plan = _plan(reader, lm, o, slide)
         sel = select_tiles(reader, plan, thumbnail_side=o.thumbnail_side, all_tiles=o.all_tiles,
                            min_tissue=o.min_tissue)
-        norm = fit_slide_normalizer(o.normalize, lm, sel, slide)  # --normalize: fitted on the thumbnail's tissue
+        norm = fit_slide_normalizer(o.normalize, lm, reader, plan, sel, slide)  # --normalize: on tissue tiles
         with unfinished_until_done(outs.summary, lazy=True) as state:
             work = WorkFolder(outs.work)
             done = work.start(resume_settings(slide, lm, plan, sel.run, precision, normalization_record(norm)),
@@ -109,7 +109,7 @@ def _plan(reader: SlideReader, lm: LoadedModel, o: SlideOptions, slide: Path) ->
         if given(o.default_mpp) is None:
             raise SlideError(
                 f"{slide}: the slide does not state its resolution (microns per pixel); pass --default-mpp X "
-                f"for the slides that lack it, or --mpp X for every slide (e.g. 0.25 for a 40× scan, 0.5 for 20×)")
+                f"for the slides that lack it, or --slide-mpp X for every slide (e.g. 0.25 for a 40× scan, 0.5 for 20×)")
         mpp, source = o.default_mpp, "--default-mpp"
     try:
         plan = plan_slide(reader, lm.mpp, tile=o.tile, overlap=o.overlap, margin=o.margin, slide_mpp=mpp)

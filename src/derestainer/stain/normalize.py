@@ -56,7 +56,8 @@ def _pixels(rgb: np.ndarray) -> np.ndarray:
     return x.reshape(-1, 3)
 
 
-def _rounded(a: np.ndarray) -> list[Any]:
+def rounded(a: Any) -> list[Any]:
+    """``a`` as nested lists of floats to :data:`DIGITS` decimals (what records keep)."""
     return np.round(np.asarray(a, dtype=np.float64), DIGITS).tolist()
 
 
@@ -142,11 +143,11 @@ def fit_macenko(tissue_rgb: np.ndarray, target_rgb_from_hed: np.ndarray, target_
     tgt = np.asarray(target_rgb_from_hed, dtype=np.float64)
     rec: dict[str, Any] = {
         "method": "macenko", "target": target, "percentile": PERCENTILE,
-        "target_stain_vectors": {"h": _rounded(tgt[0] / np.linalg.norm(tgt[0])),
-                                 "e": _rounded(tgt[1] / np.linalg.norm(tgt[1]))},
-        "target_percentiles": None if target_percentiles is None else _rounded(target_percentiles),
-        "slide_stain_vectors": {"h": _rounded(src[0]), "e": _rounded(src[1])},
-        "slide_percentiles": _rounded(p_src),
+        "target_stain_vectors": {"h": rounded(tgt[0] / np.linalg.norm(tgt[0])),
+                                 "e": rounded(tgt[1] / np.linalg.norm(tgt[1]))},
+        "target_percentiles": None if target_percentiles is None else rounded(target_percentiles),
+        "slide_stain_vectors": {"h": rounded(src[0]), "e": rounded(src[1])},
+        "slide_percentiles": rounded(p_src),
         "tissue_pixels": int(_pixels(tissue_rgb).shape[0]),
     }
     return macenko_from_record(rec)
@@ -159,7 +160,7 @@ def macenko_from_record(rec: dict[str, Any]) -> StainNormalizer:
     scale = np.ones(3)
     if rec.get("target_percentiles") is not None:
         scale[:2] = np.asarray(rec["target_percentiles"], dtype=np.float64) / np.asarray(rec["slide_percentiles"])
-    rec = {**rec, "scale": _rounded(scale[:2])}
+    rec = {**rec, "scale": rounded(scale[:2])}
     return StainNormalizer("macenko", np.linalg.inv(src) @ np.diag(scale) @ tgt, rec)
 
 
@@ -181,11 +182,11 @@ def fit_reinhard(tissue_rgb: np.ndarray, target_mean: np.ndarray, target_std: np
         raise ValueError(f"the tissue's L*a*b* channels must vary; standard deviations {sd}")
     t_mu, t_sd = np.asarray(target_mean, dtype=np.float64), np.asarray(target_std, dtype=np.float64)
     scale = t_sd / sd
-    rec = {"method": "reinhard", "target": target, "target_lab_mean": _rounded(t_mu), "target_lab_std": _rounded(t_sd),
-           "slide_lab_mean": _rounded(mu), "slide_lab_std": _rounded(sd), "tissue_pixels": int(_pixels(tissue_rgb).shape[0])}
+    rec = {"method": "reinhard", "target": target, "target_lab_mean": rounded(t_mu), "target_lab_std": rounded(t_sd),
+           "slide_lab_mean": rounded(mu), "slide_lab_std": rounded(sd), "tissue_pixels": int(_pixels(tissue_rgb).shape[0])}
     return StainNormalizer("reinhard", np.stack([scale, t_mu - mu * scale]), rec)
 
 
 __all__ = ["MIN_STAIN_ANGLE", "NORMALIZE_METHODS", "OD_LUT", "PERCENTILE", "NormalizeMethod", "StainNormalizer", "fit_macenko",
-           "fit_reinhard", "lab_stats", "macenko_from_record", "macenko_source", "stain_percentiles",
+           "fit_reinhard", "lab_stats", "macenko_from_record", "macenko_source", "rounded", "stain_percentiles",
            "tissue_concentrations"]
