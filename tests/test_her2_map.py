@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from derestainer.inference import her2_map, slide_outputs
-from derestainer.inference.provenance import NOTE, software
 from derestainer.inference.plan import SlidePlan, TileSelection, plan_slide, read_model_region
+from derestainer.inference.provenance import NOTE, software
 from derestainer.inference.slide_options import SlideOptions
 from derestainer.inference.slide_outputs import SlideOutputs, SlideResult, write_slide_outputs, write_tiles_csv
 from derestainer.inference.slides import open_slide

@@ -179,7 +179,7 @@ def test_plan_picks_level_and_needs_mpp(tmp_path: Path) -> None:
         plan = plan_slide(r, 4.0, tile=64, overlap=16, slide_mpp=1.0)  # --mpp overrides the file
         assert plan.mpp_source == "--mpp" and plan.level == 2 and plan.resample == pytest.approx(1.0)
     nompp = write_slide(tmp_path / "nompp.tif", 100, 100, mpp=None, levels=1, tile=64)
-    with open_slide(nompp) as r, pytest.raises(SlideError, match="--mpp"):
+    with open_slide(nompp) as r, pytest.raises(SlideError, match="--slide-mpp"):
         plan_slide(r, 1.0, tile=64, overlap=16)
 
 
@@ -474,7 +474,7 @@ def test_png_slide_needs_mpp(tmp_path: Path) -> None:
     mf = make_model(tmp_path / "m.safetensors", mpp=1.0)
     res = CliRunner().invoke(main, ["translate-slide", "-m", str(mf), str(png), "--out", str(tmp_path / "o"),
                                     "--tile", "32", "--overlap", "8", "--quiet"])
-    assert res.exit_code == 1 and "--mpp" in res.output
+    assert res.exit_code == 1 and "--slide-mpp" in res.output
     res = CliRunner().invoke(main, ["translate-slide", "-m", str(mf), str(png), "--out", str(tmp_path / "o"),
                                     "--tile", "32", "--overlap", "8", "--quiet", "--mpp", "0.5"])
     assert res.exit_code == 0, res.output
@@ -583,7 +583,7 @@ def test_real_svs_without_mpp_and_level_choice(real_slide) -> None:
     svs = real_slide("tcga-cr-7395-01a-01-ts1.svs")
     with open_slide(svs) as r:
         assert r.mpp is None and len(r.level_dimensions) == 2
-        with pytest.raises(SlideError, match="--mpp"):
+        with pytest.raises(SlideError, match="--slide-mpp"):
             plan_slide(r, 2.0, tile=64, overlap=16)
         plan = plan_slide(r, 2.0, tile=64, overlap=16, slide_mpp=0.25)  # 8 level-0 px per model px
         assert plan.level == 1 and plan.resample == pytest.approx(8 / 2.0005, rel=1e-3)

@@ -50,11 +50,12 @@ class BenchmarkSpec:
             benchmarked, else the first model).
         floors: also score the floor rows (no training: :data:`derestainer.evaluation.floors.FLOOR_KINDS`).
         bootstrap: resamples for the intervals and paired differences.
-        parallel_evaluator: train an evaluator that must be trained in a second process, beside the
-            first generator training, with a quarter of the threads (at least one; off below two): on
-            CPU a small generator gains little from its second core (docs/benchmarks.md, "How the
-            demo's recipe was chosen"). The classifier files are the same kind either way; the numbers
-            can differ in the last digits, as between machines.
+        parallel_evaluator: when the evaluator is to be trained here (none given, none to reuse),
+            train it in a second process beside the first generator training, on a quarter of the
+            threads (at least one; off below two threads): on CPU a small generator gains little from
+            its second core (docs/benchmarks.md, "How the demo's recipe was chosen"). The numbers can
+            differ in the last digits from a sequential run, as between machines (other thread counts
+            sum in another order).
     """
 
     data: Path
