@@ -77,10 +77,9 @@ def stain_reference(pixels: np.ndarray, *, source: str, images: int, mpp: float)
     return record
 
 
-def _evenly(items: list[Path], n: int) -> list[Path]:
-    if len(items) <= n:
-        return items
-    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+def _evenly(n: int, k: int) -> np.ndarray:
+    """Indices of ``k`` of ``n`` items evenly spread, first and last included (all of them when ``n ≤ k``)."""
+    return np.arange(n) if n <= k else np.linspace(0, n - 1, k).round().astype(int)
 
 
 def _resized(paths: list[Path], size: int) -> Iterator[np.ndarray]:
@@ -100,7 +99,8 @@ def reference_from_files(paths: list[Path], *, source: str, size: int, mpp: floa
         DatasetError: no images, or no tissue in them.
         ImageReadError: an image that cannot be read (named).
     """
-    chosen = _evenly(sorted(paths), max_images)
+    ordered = sorted(paths)
+    chosen = [ordered[i] for i in _evenly(len(ordered), max_images)]
     if not chosen:
         raise DatasetError(f"{source}: no images to take the training stain from")
     return stain_reference(tissue_pixels(_resized(chosen, size), mpp), source=source, images=len(chosen), mpp=mpp)
@@ -122,9 +122,11 @@ def reference_for_export(cfg: Config, given: str | os.PathLike[str]) -> dict[str
             pairs = build_dataset(cfg.data, "train", train=False).pairs
         except (DatasetError, OSError):
             return None  # the training data is not here: nothing to measure
-        root = Path(cfg.data.root or pairs[0][1].parent) if pairs else None
-        return reference_from_files([he for _, he, _ in pairs], source=f"{root.name if root else 'training data'} "
-                                    f"(training H&E, {len(pairs)} images)", size=size, mpp=mpp) if pairs else None
+        if not pairs:
+            return None
+        name = Path(cfg.data.root).name if cfg.data.root else "training data"
+        return reference_from_files([he for _, he, _ in pairs], source=f"{name} (training H&E, {len(pairs)} images)",
+                                    size=size, mpp=mpp)
     folder = Path(given)
     if not folder.is_dir():
         raise DatasetError(f"--stain-reference {folder}: no such folder")
@@ -137,8 +139,7 @@ def slide_tissue_pixels(reader: SlideReader, plan: SlidePlan, sel: TileSelection
     model's resolution as the model will see them (without normalisation); tissue is where the
     thumbnail's mask (:func:`~.plan.select_tiles`) says so (a tile is too small a field to mask alone)."""
     cells = np.argwhere(sel.run & (sel.frac > 0))
-    if len(cells) > n_tiles:
-        cells = cells[np.linspace(0, len(cells) - 1, n_tiles).round().astype(int)]
+    cells = cells[_evenly(len(cells), n_tiles)]
     g, (th, tw) = plan.grid, sel.mask.shape
 
     def parts() -> Iterator[np.ndarray]:
