@@ -282,13 +282,12 @@ def test_comparator_arch_trains_its_own_architecture(
 
 @pytest.fixture
 def two_threads():
-    """torch on two threads for the test (the suite runs on one), as the parallel evaluator needs."""
-    import torch
+    """torch on two threads for the test (conftest gives one on a one-core machine), as the parallel
+    evaluator needs."""
+    from derestainer.core.device import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 def test_parallel_evaluator_trains_beside_the_generator(
