@@ -403,6 +403,40 @@ def test_workers_exit_when_the_evaluation_is_killed(tmp_path: Path, rng: np.rand
             proc.wait()
 
 
+_UNGUARDED_SCRIPT = """
+import sys
+from derestainer.core.errors import EvaluationError
+from derestainer.evaluation.pool import PairTask, iterate_pairs
+
+folder = sys.argv[1]
+tasks = [PairTask(i, f"{folder}/p{i % 2}.png", f"{folder}/g{i % 2}.png", False, 0.15, 0.15) for i in range(4)]
+try:
+    print(len(list(iterate_pairs(tasks, 2))), flush=True)
+except EvaluationError as exc:
+    print("EvaluationError:", exc, flush=True)
+"""
+
+
+def test_a_script_without_a_main_guard_gets_one_clear_error(tmp_path: Path, rng: np.random.Generator) -> None:
+    """spawn re-imports the calling script in every worker; without `if __name__ == "__main__":` the workers
+    fail on start. The caller gets an EvaluationError naming the script and the fix, not BrokenProcessPool."""
+    for k in range(2):
+        write_image(tmp_path / f"g{k}.png", blobs(rng, 32))
+        write_image(tmp_path / f"p{k}.png", blobs(rng, 32))
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("EvaluationError:"), (r.stdout, r.stderr[-2000:])
+    assert str(script) in last and '__name__ == "__main__"' in last and "--workers 1" in last
+    guarded = tmp_path / "guarded.py"
+    body = _UNGUARDED_SCRIPT.split("folder = ", 1)
+    guarded.write_text(body[0] + 'if __name__ == "__main__":\n' + "".join(
+        "    " + line + "\n" for line in ("folder = " + body[1]).strip().splitlines()))
+    r = subprocess.run([sys.executable, str(guarded), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "4", (r.stdout, r.stderr[-2000:])
+
+
 def test_flat_predictions_are_left_out_of_the_pairing_check(tmp_path, rng):
     """A floor image (one colour) correlates with nothing: no mix-up warning, and it does not drag
     the matched mean of the other predictions down."""

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,6 +153,22 @@ def _abort(pool: ProcessPoolExecutor, running: set[Future[dict[str, Any]]]) -> N
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _result(future: Future[dict[str, Any]]) -> dict[str, Any]:
+    """A worker's result; a pool whose workers died becomes one EvaluationError that says why it may have."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        main = sys.modules.get("__main__")
+        name = getattr(getattr(main, "__spec__", None), "name", None)
+        script = name or getattr(main, "__file__", None)  # what spawn re-imports in every worker
+        hint = (f"each worker imports {script} first: when it calls derestainer outside an "
+                "`if __name__ == \"__main__\":` block, the workers run it again and fail (see their error above); "
+                if script and not (name or "").endswith("__main__") else "")
+        raise EvaluationError(
+            "the evaluation's worker processes stopped before finishing (killed, out of memory, or failed to start); "
+            f"{hint}rerun with one worker (--workers 1, or workers=1) to score in this process") from None
+
+
 def iterate_pairs(tasks: list[PairTask], workers: int) -> Iterator[dict[str, Any]]:
     """Results of :func:`evaluate_pair` for every task, in completion order, from ``workers`` processes."""
     if workers <= 1 or len(tasks) <= 1:
@@ -176,11 +193,11 @@ def iterate_pairs(tasks: list[PairTask], workers: int) -> Iterator[dict[str, Any
                 if len(running) >= window:
                     done, running = wait(running, return_when=FIRST_COMPLETED)
                     for f in done:
-                        yield f.result()
+                        yield _result(f)
             while running:
                 done, running = wait(running, return_when=FIRST_COMPLETED)
                 for f in done:
-                    yield f.result()
+                    yield _result(f)
             finished = True
         finally:
             if finished:
