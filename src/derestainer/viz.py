@@ -10,6 +10,13 @@ import numpy as np
 from derestainer.core.io import atomic_path
 
 
+def title_fontsize(labels: Sequence[str], cell_inches: float) -> float:
+    """Font size (points) of column titles: 8 pt, shrunk down to 5 pt so that the longest label fits a
+    cell ``cell_inches`` wide (at about 0.6 em per character of the default sans-serif font)."""
+    longest = max((len(label) for label in labels), default=1)
+    return min(8.0, max(5.0, cell_inches * 72 / (0.6 * longest)))
+
+
 def image_grid(
     rows: Sequence[Sequence[np.ndarray]],
     path: str | Path,
@@ -36,6 +43,7 @@ def image_grid(
         n_rows, n_cols, figsize=(cell_inches * n_cols + 0.6, cell_inches * n_rows + (0.5 if title else 0.2)),
         dpi=dpi, squeeze=False,
     )
+    col_fs = title_fontsize(col_labels or (), cell_inches)
     for r in range(n_rows):
         for c in range(n_cols):
             ax = axes[r][c]
@@ -46,7 +54,7 @@ def image_grid(
             if c < len(rows[r]) and rows[r][c] is not None:
                 ax.imshow(rows[r][c])
             if r == 0 and col_labels is not None and c < len(col_labels):
-                ax.set_title(col_labels[c], fontsize=8)
+                ax.set_title(col_labels[c], fontsize=col_fs)
             if c == 0 and row_labels is not None and r < len(row_labels):
                 ax.set_ylabel(row_labels[r], fontsize=8)
     if title:
