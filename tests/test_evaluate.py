@@ -437,6 +437,31 @@ def test_a_script_without_a_main_guard_gets_one_clear_error(tmp_path: Path, rng:
     assert r.stdout.strip() == "4", (r.stdout, r.stderr[-2000:])
 
 
+
+def test_the_hint_names_only_a_main_that_runs_code_on_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guarded script, a package's __main__ and an interactive session get no hint; an unguarded script
+    and a module run with -m do."""
+    import types
+
+    from derestainer.evaluation import pool
+
+    def main_module(file: str | None = None, spec: str | None = None) -> types.ModuleType:
+        m = types.ModuleType("__main__")
+        m.__spec__ = types.SimpleNamespace(name=spec) if spec else None  # type: ignore[assignment]
+        if file:
+            m.__file__ = file
+        return m
+
+    bare, guarded = tmp_path / "bare.py", tmp_path / "guarded.py"
+    bare.write_text("run()\n")
+    guarded.write_text("def run(): ...\n\nif __name__ == '__main__':\n    run()\n")
+    for module, expected in ((main_module(str(bare)), str(bare)), (main_module(str(guarded)), None),
+                             (main_module(spec="tools.score"), "tools.score"), (main_module(spec="derestainer.__main__"), None),
+                             (main_module(), None)):
+        monkeypatch.setitem(sys.modules, "__main__", module)
+        assert pool._unguarded_main() == expected
+
+
 def test_flat_predictions_are_left_out_of_the_pairing_check(tmp_path, rng):
     """A floor image (one colour) correlates with nothing: no mix-up warning, and it does not drag
     the matched mean of the other predictions down."""

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -158,15 +160,34 @@ def _result(future: Future[dict[str, Any]]) -> dict[str, Any]:
     try:
         return future.result()
     except BrokenProcessPool:
-        main = sys.modules.get("__main__")
-        name = getattr(getattr(main, "__spec__", None), "name", None)
-        script = name or getattr(main, "__file__", None)  # what spawn re-imports in every worker
-        hint = (f"each worker imports {script} first: when it calls derestainer outside an "
-                "`if __name__ == \"__main__\":` block, the workers run it again and fail (see their error above); "
-                if script and not (name or "").endswith("__main__") else "")
+        script = _unguarded_main()
+        hint = (f"each worker imports {script} first, and it calls derestainer outside an "
+                "`if __name__ == \"__main__\":` block, so the workers run it again and fail (see their error above); "
+                if script else "")
         raise EvaluationError(
             "the evaluation's worker processes stopped before finishing (killed, out of memory, or failed to start); "
-            f"{hint}rerun with one worker (--workers 1, or workers=1) to score in this process") from None
+            f"{hint}rerun with one worker (evaluate --workers 1, benchmark --eval-workers 1, or workers=1) to score "
+            "in this process") from None
+
+
+_GUARD = re.compile(r"""^if\s+__name__\s*==\s*['"]__main__['"]\s*:""", re.MULTILINE)
+
+
+def _unguarded_main() -> str | None:
+    """The module or script that spawn re-imports in every worker, when it may run code on import: a script
+    without an ``if __name__ == "__main__":`` block, or a module run with ``-m`` (not a package's ``__main__``)."""
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name:
+        return None if name.endswith("__main__") else str(name)
+    path = getattr(main, "__file__", None)
+    if not path:
+        return None  # interactive: spawn imports nothing of it
+    try:
+        source = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return str(path)
+    return None if _GUARD.search(source) else str(path)
 
 
 def iterate_pairs(tasks: list[PairTask], workers: int) -> Iterator[dict[str, Any]]:
