@@ -7,7 +7,9 @@ import json
 import signal
 import subprocess
 import sys
+import textwrap
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from derestainer.cli import main
 from derestainer.core.errors import EvaluationError, ImageReadError, LabelError
 from derestainer.core.io import write_image
 from derestainer.core.levels import confusion_matrix, level_from_name, parse_level, read_labels_csv
-from derestainer.evaluation import evaluate, match_pairs, write_report
+from derestainer.evaluation import evaluate, match_pairs, pool, write_report
 from derestainer.metrics import semantic
 
 LEVELS = ("0", "1+", "2+", "3+")
@@ -403,17 +405,18 @@ def test_workers_exit_when_the_evaluation_is_killed(tmp_path: Path, rng: np.rand
             proc.wait()
 
 
-_UNGUARDED_SCRIPT = """
-import sys
-from derestainer.core.errors import EvaluationError
-from derestainer.evaluation.pool import PairTask, iterate_pairs
-
+_POOL_CALL = """\
 folder = sys.argv[1]
 tasks = [PairTask(i, f"{folder}/p{i % 2}.png", f"{folder}/g{i % 2}.png", False, 0.15, 0.15) for i in range(4)]
 try:
     print(len(list(iterate_pairs(tasks, 2))), flush=True)
 except EvaluationError as exc:
     print("EvaluationError:", exc, flush=True)
+"""
+_POOL_IMPORTS = """\
+import sys
+from derestainer.core.errors import EvaluationError
+from derestainer.evaluation.pool import PairTask, iterate_pairs
 """
 
 
@@ -423,41 +426,35 @@ def test_a_script_without_a_main_guard_gets_one_clear_error(tmp_path: Path, rng:
     for k in range(2):
         write_image(tmp_path / f"g{k}.png", blobs(rng, 32))
         write_image(tmp_path / f"p{k}.png", blobs(rng, 32))
-    script = tmp_path / "unguarded.py"
-    script.write_text(_UNGUARDED_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    unguarded, guarded = tmp_path / "unguarded.py", tmp_path / "guarded.py"
+    unguarded.write_text(_POOL_IMPORTS + _POOL_CALL)
+    guarded.write_text(_POOL_IMPORTS + 'if __name__ == "__main__":\n' + textwrap.indent(_POOL_CALL, "    "))
+    r = subprocess.run([sys.executable, str(unguarded), str(tmp_path)], capture_output=True, text=True, timeout=300)
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("EvaluationError:"), (r.stdout, r.stderr[-2000:])
-    assert str(script) in last and '__name__ == "__main__"' in last and "--workers 1" in last
-    guarded = tmp_path / "guarded.py"
-    body = _UNGUARDED_SCRIPT.split("folder = ", 1)
-    guarded.write_text(body[0] + 'if __name__ == "__main__":\n' + "".join(
-        "    " + line + "\n" for line in ("folder = " + body[1]).strip().splitlines()))
+    assert str(unguarded) in last and '__name__ == "__main__"' in last and "--workers 1" in last
     r = subprocess.run([sys.executable, str(guarded), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == "4", (r.stdout, r.stderr[-2000:])
 
+
+def _main_module(file: str | None = None, spec: str | None = None) -> types.ModuleType:
+    m = types.ModuleType("__main__")
+    m.__spec__ = types.SimpleNamespace(name=spec) if spec else None  # type: ignore[assignment]
+    if file:
+        m.__file__ = file
+    return m
 
 
 def test_the_hint_names_only_a_main_that_runs_code_on_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A guarded script, a package's __main__ and an interactive session get no hint; an unguarded script
     and a module run with -m do."""
-    import types
-
-    from derestainer.evaluation import pool
-
-    def main_module(file: str | None = None, spec: str | None = None) -> types.ModuleType:
-        m = types.ModuleType("__main__")
-        m.__spec__ = types.SimpleNamespace(name=spec) if spec else None  # type: ignore[assignment]
-        if file:
-            m.__file__ = file
-        return m
-
     bare, guarded = tmp_path / "bare.py", tmp_path / "guarded.py"
     bare.write_text("run()\n")
     guarded.write_text("def run(): ...\n\nif __name__ == '__main__':\n    run()\n")
-    for module, expected in ((main_module(str(bare)), str(bare)), (main_module(str(guarded)), None),
-                             (main_module(spec="tools.score"), "tools.score"), (main_module(spec="derestainer.__main__"), None),
-                             (main_module(), None)):
+    cases = ((_main_module(str(bare)), str(bare)), (_main_module(str(guarded)), None),
+             (_main_module(spec="tools.score"), "tools.score"), (_main_module(spec="derestainer.__main__"), None),
+             (_main_module(), None))
+    for module, expected in cases:
         monkeypatch.setitem(sys.modules, "__main__", module)
         assert pool._unguarded_main() == expected
 
